@@ -1,0 +1,1402 @@
+"""Speed of this project against PyTorch peers, on one machine, in one run.
+
+Three measurements, each at equal settings, with warm-up (and compilation)
+excluded, the contenders' repeats interleaved, and medians with their spread:
+
+1. Backbone: CLIP's image tower (global embedding plus the tapped layers'
+   patch tokens, `ultraad_jax.clip.Backbone.encode_image`, jitted) against
+   PyTorch `transformers.CLIPModel` doing the same work with the same weights
+   (copied from Flax with transformers' flax->pytorch loader), compiled with
+   `torch.compile` and freezing under `torch.no_grad`. f32 and bf16 (Flax
+   dtype bf16 with bf16 parameters; PyTorch autocast bf16). The JAX FLOP rate
+   from XLA's cost analysis is reported as a share of the machine's measured
+   f32 FMA peak (MFU).
+2. Few-shot sweep: E episodes of the UltraAD head trained for the same number
+   of steps by this project's engine (feature cache + episode-vmapped jitted
+   `train.train_step`) against a peer-style PyTorch loop (per episode and
+   step: a frozen backbone forward on the support batch, then an Adam update
+   of a per-layer adapter + text-similarity map head with focal + dice loss,
+   as MVFA and MediCLIP train).
+3. Evaluation: pixel AUROC / AP over N query maps, `ultraad_jax.metrics`
+   against scikit-learn on the flattened arrays: seconds and peak memory.
+
+Usage (from the repository root):
+
+  python benchmarks/bench.py --quick --json bench.json   # <= 5 min, 2 cores
+  python benchmarks/bench.py --json bench.json           # larger, CPU
+  python benchmarks/bench.py --accelerator --bf16 --json acc.json  # GPU/TPU
+
+Run it on an idle machine: under contention both sides slow down unevenly.
+XLA flags: the process sets the project's flags (`ultraad_jax.xla_env`,
+YNNPACK fusions off) before JAX starts, as main.py does; the backbone's JAX
+f32 time with XLA's default flags is measured in a child process.
+"""
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+for _path in (_REPO, _HERE):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+
+# XLA reads XLA_FLAGS when its backend starts and JAX reads its cache settings
+# when it is imported, so this runs before JAX is imported. A child started
+# with ULTRAAD_BENCH_XLA=default keeps XLA's defaults (for the comparison);
+# =vector512 adds 512-bit vectorisation for the FMA-peak loop.
+_XLA_MODE = os.environ.get("ULTRAAD_BENCH_XLA", "project")
+if _XLA_MODE == "project":
+  from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
+
+  xla_env.configure()
+elif _XLA_MODE == "vector512":
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_prefer_vector_width=512"
+  ).strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import common  # pylint: disable=g-import-not-at-top
+import metrics_memory  # pylint: disable=g-import-not-at-top
+from ultraad_jax import clip  # pylint: disable=g-import-not-at-top
+from ultraad_jax import features  # pylint: disable=g-import-not-at-top
+from ultraad_jax import metrics  # pylint: disable=g-import-not-at-top
+from ultraad_jax import model  # pylint: disable=g-import-not-at-top
+from ultraad_jax import train  # pylint: disable=g-import-not-at-top
+
+MIB = 2.0**20
+
+# Settings of each mode; every entry can be overridden on the command line.
+MODES = {
+    "quick": dict(
+        backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=5,
+        warmup=2, bf16=True, default_flags=True, sweep_episodes=(1, 8, 64),
+        sweep_steps=20, sweep_model="tiny", sweep_shots=4, sweep_pool=64,
+        torch_max_episodes=64, metrics_maps=200, metrics_size=224,
+        metrics_repeats=3, peak=True,
+    ),
+    "full": dict(
+        backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=10,
+        warmup=3, bf16=True, default_flags=True,
+        sweep_episodes=(1, 8, 64, 256), sweep_steps=50, sweep_model="tiny",
+        sweep_shots=4, sweep_pool=128, torch_max_episodes=64,
+        metrics_maps=1000, metrics_size=336, metrics_repeats=3, peak=True,
+    ),
+    "accelerator": dict(
+        backbone_models=("ViT-L/14@336",), backbone_batch=32, repeats=10,
+        warmup=3, bf16=False, default_flags=False,
+        sweep_episodes=(1, 16, 256), sweep_steps=50,
+        sweep_model="ViT-L/14@336", sweep_shots=4, sweep_pool=256,
+        torch_max_episodes=4, metrics_maps=1000, metrics_size=336,
+        metrics_repeats=3, peak=False,
+    ),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Timing helpers.
+# ----------------------------------------------------------------------------
+
+
+def summarize(times):
+  """Median and spread of repeated timings (seconds).
+
+  Args:
+    times: the timings of the repeats.
+
+  Returns:
+    {"median_s", "min_s", "max_s", "spread"} with spread = (max - min) /
+    median, and "repeats".
+  """
+  times = [float(t) for t in times]
+  med = statistics.median(times)
+  return {
+      "median_s": med,
+      "min_s": min(times),
+      "max_s": max(times),
+      "spread": (max(times) - min(times)) / med if med > 0 else float("nan"),
+      "repeats": len(times),
+  }
+
+
+def time_interleaved(fns, repeats, warmup):
+  """Times several contenders with their repeats interleaved.
+
+  Each round runs every contender once, in an order rotated every round, so
+  that a burst of load from elsewhere hits all of them alike.
+
+  Args:
+    fns: name -> a callable that runs one call to completion (it must block
+      until the device is done).
+    repeats: timed calls per contender.
+    warmup: untimed calls per contender first (compilation happens there).
+
+  Returns:
+    name -> summarize(...) of its timed calls, plus "first_call_s" (the first
+    warm-up call, which includes compilation).
+  """
+  names = list(fns)
+  first = {}
+  for name in names:
+    for i in range(max(warmup, 1)):
+      start = time.perf_counter()
+      fns[name]()
+      if i == 0:
+        first[name] = time.perf_counter() - start
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    k = r % len(names)
+    for name in names[k:] + names[:k]:
+      start = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - start)
+  return {
+      name: {**summarize(times[name]), "first_call_s": first[name]}
+      for name in names
+  }
+
+
+def _cost(compiled):
+  """XLA's cost analysis of a compiled computation as a dict."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+# ----------------------------------------------------------------------------
+# The machine and its peak.
+# ----------------------------------------------------------------------------
+
+
+def _cpuinfo():
+  info = {}
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in info:
+          info[key.strip()] = value.strip()
+        if not line.strip() and info:
+          break
+  except OSError:
+    pass
+  return info
+
+
+def num_cores():
+  """CPU cores this process may use."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def machine_info():
+  """What the numbers were measured on: CPU, load, library versions.
+
+  Returns:
+    A dict; `vendor` is "AMD", "Intel" or the raw vendor id.
+  """
+  cpu = _cpuinfo()
+  vendor_id = cpu.get("vendor_id", platform.processor())
+  vendor = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}.get(
+      vendor_id, vendor_id
+  )
+  flags = set(cpu.get("flags", "").split())
+  versions = {"jax": jax.__version__, "numpy": np.__version__}
+  for name in ("jaxlib", "flax", "torch", "transformers", "sklearn"):
+    try:
+      versions[name] = __import__(name).__version__
+    except ImportError:
+      versions[name] = None
+  devices = jax.devices()
+  return {
+      "cpu_model": cpu.get("model name", platform.processor()),
+      "vendor": vendor,
+      "cpu_family": int(cpu["cpu family"]) if "cpu family" in cpu else None,
+      "cpu_model_number": int(cpu["model"]) if "model" in cpu else None,
+      "cores": num_cores(),
+      "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
+      "avx512f": "avx512f" in flags,
+      "avx512_bf16": "avx512_bf16" in flags,
+      "amx": any(f.startswith("amx") for f in flags),
+      "load_average": list(os.getloadavg()),
+      "python": platform.python_version(),
+      "versions": versions,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "jax_backend": jax.default_backend(),
+      "jax_devices": [str(d) for d in devices],
+  }
+
+
+def theoretical_peak(info):
+  """The f32 FMA peak from the CPU's description, two ways.
+
+  `formula_gflops` is cores x 2 FMA units x 16 f32 lanes x 2 FLOP x the
+  clock /proc/cpuinfo reports (a VM usually shows the base clock; boost is
+  higher). `microarch_gflops` uses 8 lanes per unit where the cores execute
+  512-bit FMAs as two 256-bit halves (AMD family 0x19, Zen 4; Zen 3 has no
+  AVX-512) or lack AVX-512.
+
+  Args:
+    info: from `machine_info`.
+
+  Returns:
+    A dict of the two estimates and the lanes assumed.
+  """
+  ghz = (info.get("cpu_mhz") or 0.0) / 1000.0
+  cores = info["cores"]
+  lanes = 16 if info.get("avx512f") else 8
+  note = "2 FMA units x 16 lanes (AVX-512)"
+  if info.get("vendor") == "AMD" and (info.get("cpu_family") or 0) <= 0x19:
+    lanes = 8
+    note = (
+        "AMD family 0x19 (Zen 3/4): 256-bit FMA units, AVX-512 double-pumped"
+    )
+  elif not info.get("avx512f"):
+    note = "no AVX-512: 2 FMA units x 8 lanes (AVX2)"
+  return {
+      "clock_ghz": ghz,
+      "formula_gflops": cores * 2 * 16 * 2 * ghz,
+      "microarch_gflops": cores * 2 * lanes * 2 * ghz,
+      "microarch_note": note,
+  }
+
+
+def _fma_loop(rows, chains, unroll, iters):
+  """A jitted loop of independent multiply-adds on register-sized vectors.
+
+  Every loop iteration starts `chains` independent chains from the carry
+  (shifted by different constants, so that XLA cannot merge them), runs
+  `unroll` multiply-adds on each (LLVM contracts them to FMAs; 1 + 1e-5
+  keeps the values bounded and normal), and averages the chains back into
+  the carry. All values of one [rows, 16] row stay in registers.
+
+  Returns:
+    (jitted function of a [rows, 16] float32 array, FLOPs per call counting
+    an FMA as 2).
+  """
+  a, b = np.float32(0.99999), np.float32(1e-5)
+
+  def body(_, x):
+    ys = [x + np.float32(k) for k in range(chains)]
+    for _ in range(unroll):
+      ys = [y * a + b for y in ys]
+    total = ys[0]
+    for y in ys[1:]:
+      total = total + y
+    return total * np.float32(1.0 / chains) - np.float32((chains - 1) / 2)
+
+  fn = jax.jit(lambda x: jax.lax.fori_loop(0, iters, body, x))
+  return fn, 2 * rows * 16 * chains * unroll * iters
+
+
+def fma_peak(repeats=5):
+  """Measures the f32 FMA rate of all cores (GFLOP/s), best of `repeats`.
+
+  Two layouts: one call on rows enough for XLA to split the loop over its
+  threads, and one small call per core from as many Python threads (JAX
+  releases the GIL while XLA runs). Run this with 512-bit vectorisation
+  (ULTRAAD_BENCH_XLA=vector512): XLA's CPU default of 256-bit vectors halves
+  the rate on AVX-512 cores.
+
+  Args:
+    repeats: timed calls of each layout.
+
+  Returns:
+    {"fma_loop_gflops": best, "parallel_call_gflops", "threads_gflops"}.
+  """
+  cores = num_cores()
+  out = {}
+  big, flops_big = _fma_loop(256 * cores, 64, 4, 400)
+  x_big = jnp.ones((256 * cores, 16), jnp.float32)
+  big = big.lower(x_big).compile()
+  jax.block_until_ready(big(x_big))
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(big(x_big))
+    best = min(best, time.perf_counter() - start)
+  out["parallel_call_gflops"] = flops_big / best / 1e9
+
+  small, flops_small = _fma_loop(4, 64, 4, 20000)
+  x_small = jnp.ones((4, 16), jnp.float32)
+  small = small.lower(x_small).compile()
+  jax.block_until_ready(small(x_small))
+
+  def run():
+    jax.block_until_ready(small(x_small))
+
+  best = math.inf
+  for _ in range(repeats):
+    threads = [threading.Thread(target=run) for _ in range(cores)]
+    start = time.perf_counter()
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    best = min(best, time.perf_counter() - start)
+  out["threads_gflops"] = cores * flops_small / best / 1e9
+  out["fma_loop_gflops"] = max(out["parallel_call_gflops"],
+                               out["threads_gflops"])  # fmt: skip
+  return out
+
+
+def matmul_rate(n=4096, repeats=5):
+  """f32 GFLOP/s of one jitted n x n x n matmul (a lower bound on the peak).
+
+  Args:
+    n: the matrix size.
+    repeats: timed calls.
+
+  Returns:
+    The best rate in GFLOP/s.
+  """
+  a = jnp.full((n, n), 1e-3, jnp.float32)
+  b = jnp.full((n, n), 1e-3, jnp.float32)
+  fn = jax.jit(jnp.matmul).lower(a, b).compile()
+  jax.block_until_ready(fn(a, b))
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best / 1e9
+
+
+def run_child(kind, args, xla_mode, timeout=900):
+  """Runs one measurement of this script in a child process.
+
+  Args:
+    kind: "peak" or "backbone_jax".
+    args: extra command-line arguments for the child.
+    xla_mode: ULTRAAD_BENCH_XLA of the child: "project", "default" or
+      "vector512".
+    timeout: seconds before the child is abandoned.
+
+  Returns:
+    The JSON dict the child printed last, or {"error": message}.
+  """
+  env = dict(os.environ, ULTRAAD_BENCH_XLA=xla_mode)
+  flags = env.get("XLA_FLAGS", "")
+  if xla_mode != "project":
+    # The parent's project flags are in the environment; drop them.
+    from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
+
+    for flag in xla_env.CPU_FLAGS:
+      flags = flags.replace(flag, "")
+    env["XLA_FLAGS"] = " ".join(flags.split())
+  cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind] + args
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+  except subprocess.TimeoutExpired:
+    return {"error": f"child {kind} timed out after {timeout} s"}
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return {
+        "error": f"child {kind} failed (exit {proc.returncode}): "
+        f"{proc.stderr.strip()[-2000:]}"
+    }
+  return json.loads(lines[-1])
+
+
+# ----------------------------------------------------------------------------
+# Backbone.
+# ----------------------------------------------------------------------------
+
+
+def tapped_layers(num_layers):
+  """Four evenly spaced blocks ending at the last, as the peers tap them."""
+  if num_layers < 4:
+    return tuple(range(1, num_layers + 1))
+  return tuple(num_layers * k // 4 for k in (1, 2, 3, 4))
+
+
+def make_backbone(name, seed=0):
+  """A randomly initialised clip.Backbone: "tiny" or an OpenAI CLIP shape.
+
+  Speed does not depend on the weights' values; "tiny" uses clip.tiny's
+  init scale so that its blocks mix as a trained model's do.
+
+  Args:
+    name: "tiny" or a name `clip.openai_config` knows ("ViT-B/16", ...).
+    seed: the initialisation seed.
+
+  Returns:
+    A clip.Backbone (float32).
+  """
+  if name == "tiny":
+    return clip.tiny(seed=seed)
+  return clip.from_config(clip.openai_config(name), seed=seed)
+
+
+def analytic_vit_flops(backbone, num_tapped):
+  """Hand count of the image tower's FLOPs per image (2 per multiply-add).
+
+  Patch embedding, per block QKV / output / MLP matmuls and the two
+  attention matmuls, the pooled projection and the projection of the tapped
+  tokens. Norms, softmax and activations are left out (a few percent).
+
+  Args:
+    backbone: a clip.Backbone.
+    num_tapped: the number of tapped layers (their tokens are projected).
+
+  Returns:
+    FLOPs per image.
+  """
+  v = backbone.config.vision_config
+  n = backbone.grid_size**2
+  t = n + 1
+  w, mlp = v.hidden_size, v.intermediate_size
+  d = backbone.embed_dim
+  patch = 2 * n * 3 * v.patch_size**2 * w
+  block = 2 * t * (4 * w * w + 2 * w * mlp) + 2 * 2 * t * t * w
+  proj = 2 * w * d * (1 + num_tapped * n)
+  return patch + v.num_hidden_layers * block + proj
+
+
+def torch_clip(backbone, device="cpu"):
+  """A PyTorch CLIPModel holding the same weights as `backbone`.
+
+  Built from the same CLIPConfig and filled by transformers'
+  `load_flax_weights_in_pytorch_model` (`from_pretrained(from_flax=True)`
+  is broken with torch 2.13).
+
+  Args:
+    backbone: a clip.Backbone (float32 parameters).
+    device: the torch device.
+
+  Returns:
+    The CLIPModel in eval mode.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers import modeling_flax_pytorch_utils  # pylint: disable=g-import-not-at-top
+
+  transformers.logging.set_verbosity_error()
+
+  config = transformers.CLIPConfig.from_dict(backbone.config.to_dict())
+  config._attn_implementation = "sdpa"  # pylint: disable=protected-access
+  pt = transformers.CLIPModel(config)
+  params = jax.tree.map(lambda x: np.array(x, np.float32), backbone.params)
+  pt = modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model(
+      pt, params
+  )
+  return pt.eval().to(device)
+
+
+def torch_image_encoder(pt_model, layers):
+  """The PyTorch twin of `Backbone.encode_image`, as a torch.nn.Module.
+
+  Args:
+    pt_model: a transformers CLIPModel.
+    layers: tapped blocks (hidden_states numbering).
+
+  Returns:
+    A module mapping NCHW pixels to (global [B, D], projected tokens
+    [L, B, N, D], raw tokens [L, B, N, W]).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class ImageEncoder(torch.nn.Module):
+    """Vision tower + projection of the global and the tapped tokens."""
+
+    def __init__(self):
+      super().__init__()
+      self.vision = pt_model.vision_model
+      self.projection = pt_model.visual_projection
+      self.layers = tuple(layers)
+
+    def forward(self, pixels):
+      out = self.vision(pixel_values=pixels, output_hidden_states=True)
+      global_embed = self.projection(out.pooler_output)
+      raw = torch.stack([out.hidden_states[i][:, 1:] for i in self.layers])
+      tokens = self.projection(self.vision.post_layernorm(raw))
+      return global_embed, tokens, raw
+
+  return ImageEncoder().eval()
+
+
+def compile_torch(module):
+  """torch.compile with inductor's freezing: a stock install's fastest path.
+
+  Freezing folds the frozen weights into the graph as constants (and lets
+  inductor pre-pack them for oneDNN); it applies under no_grad/inference.
+
+  Args:
+    module: a torch.nn.Module in eval mode.
+
+  Returns:
+    The compiled module (compiles on its first call).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch._inductor.config as inductor_config  # pylint: disable=g-import-not-at-top
+
+  inductor_config.freezing = True
+  return torch.compile(module, dynamic=False)
+
+
+def _torch_sync(device):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def bench_backbone(
+    name,
+    *,
+    batch,
+    repeats,
+    warmup,
+    bf16=True,
+    with_torch=True,
+    torch_device="cpu",
+    peak_gflops=None,
+    seed=0,
+):
+  """Times encode_image (JAX) against its PyTorch twin at one model size.
+
+  Args:
+    name: "tiny" or an OpenAI CLIP name (random weights).
+    batch: images per call.
+    repeats: timed calls per contender.
+    warmup: untimed calls first.
+    bf16: also time the bf16 paths.
+    with_torch: time PyTorch (else JAX only).
+    torch_device: "cpu" or "cuda".
+    peak_gflops: the f32 peak for the MFU (None: no MFU).
+    seed: weights and pixels seed.
+
+  Returns:
+    A dict: ms/image of each path, ratios, FLOPs, MFU, output agreement.
+  """
+  backbone = make_backbone(name, seed=seed)
+  layers = tapped_layers(backbone.num_layers)
+  size = backbone.image_size
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  pixels_np = clip.normalize(images)
+  pixels = jax.device_put(pixels_np)
+  params = jax.device_put(backbone.params)
+  encode = jax.jit(backbone.encode_image, static_argnums=2)
+  compiled = encode.lower(params, pixels, layers).compile()
+  cost = _cost(compiled)
+  flops = float(cost.get("flops", float("nan")))
+
+  jax.block_until_ready(compiled(params, pixels))
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(params, pixels))
+  # Small models run several calls per timed sample (>= ~0.1 s), so that
+  # timer and dispatch noise stay small against the work.
+  inner = int(min(100, max(1, math.ceil(0.1 / (time.perf_counter() - start)))))
+
+  def repeat(fn):
+    def run():
+      for _ in range(inner):
+        fn()
+
+    return run
+
+  fns = {"jax_f32": lambda: jax.block_until_ready(compiled(params, pixels))}
+  if bf16:
+    bb16 = dataclasses.replace(backbone, dtype=jnp.bfloat16)
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    compiled16 = (
+        jax.jit(bb16.encode_image, static_argnums=2)
+        .lower(params16, pixels, layers)
+        .compile()
+    )
+    fns["jax_bf16"] = lambda: jax.block_until_ready(
+        compiled16(params16, pixels)
+    )
+
+  result = {
+      "model": name,
+      "image_size": size,
+      "batch": batch,
+      "layers": list(layers),
+      "jax_flops_per_image": flops / batch,
+      "analytic_flops_per_image": analytic_vit_flops(backbone, len(layers)),
+      "jax_bytes_accessed_per_image": float(
+          cost.get("bytes accessed", float("nan"))
+      ) / batch,
+  }  # fmt: skip
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(num_cores())
+    pt_model = torch_clip(backbone, torch_device)
+    encoder = torch_image_encoder(pt_model, layers)
+    x = torch.from_numpy(np.ascontiguousarray(pixels_np.transpose(0, 3, 1, 2)))
+    x = x.to(torch_device)
+    with torch.no_grad():
+      eager_out = [t.float().cpu().numpy() for t in encoder(x)]
+    jax_out = jax.device_get(compiled(params, pixels))
+    result["max_abs_diff_torch_vs_jax"] = float(max(
+        np.max(np.abs(a - b)) for a, b in zip(eager_out, jax_out)
+    ))  # fmt: skip
+    comp32 = compile_torch(encoder)
+
+    def torch_f32():
+      with torch.no_grad():
+        comp32(x)
+      _torch_sync(torch_device)
+
+    fns["torch_f32"] = torch_f32
+    if bf16:
+      # A second compiled module: its graph is traced under autocast.
+      comp16 = compile_torch(torch_image_encoder(pt_model, layers))
+
+      def torch_bf16():
+        with torch.no_grad(), torch.autocast(
+            device_type=torch_device, dtype=torch.bfloat16
+        ):
+          comp16(x)
+        _torch_sync(torch_device)
+
+      fns["torch_bf16"] = torch_bf16
+
+  timings = time_interleaved({k: repeat(f) for k, f in fns.items()}, repeats,
+                             warmup)  # fmt: skip
+  for t in timings.values():
+    for key in ("median_s", "min_s", "max_s"):
+      t[key] /= inner
+  result["calls_per_sample"] = inner
+  result["timings"] = timings
+  names = {"jax_f32": "jax_ms_per_image", "jax_bf16": "jax_ms_per_image_bf16",
+           "torch_f32": "torch_ms_per_image",
+           "torch_bf16": "torch_ms_per_image_bf16"}  # fmt: skip
+  for key, t in timings.items():
+    result[names[key]] = 1e3 * t["median_s"] / batch
+  result["jax_gflops"] = flops / timings["jax_f32"]["median_s"] / 1e9
+  if peak_gflops:
+    result["mfu"] = result["jax_gflops"] / peak_gflops
+  if with_torch:
+    result["speedup"] = (
+        result["torch_ms_per_image"] / result["jax_ms_per_image"]
+    )
+    if bf16:
+      result["speedup_bf16"] = (
+          result["torch_ms_per_image_bf16"] / result["jax_ms_per_image_bf16"]
+      )
+      best_torch = min(result["torch_ms_per_image"],
+                       result["torch_ms_per_image_bf16"])  # fmt: skip
+      best_jax = min(result["jax_ms_per_image"],
+                     result["jax_ms_per_image_bf16"])  # fmt: skip
+      result["speedup_best_vs_best"] = best_torch / best_jax
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Few-shot sweep.
+# ----------------------------------------------------------------------------
+
+
+def synthetic_pool(num_images, size, seed=0):
+  """A labelled image pool: labels cycle 0, 1, 2; abnormal ones get a lesion.
+
+  Args:
+    num_images: pool size (>= 3 x shots).
+    size: square image size.
+    seed: random seed.
+
+  Returns:
+    (images [n, size, size, 3] uint8, masks [n, size, size] uint8 in {0, 1},
+    labels [n] int32).
+  """
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
+  labels = (np.arange(num_images) % 3).astype(np.int32)
+  masks = np.zeros((num_images, size, size), np.uint8)
+  yy, xx = np.mgrid[0:size, 0:size]
+  for i in np.flatnonzero(labels):
+    cy, cx = rng.uniform(0.3 * size, 0.7 * size, 2)
+    ry, rx = rng.uniform(0.1 * size, 0.25 * size, 2)
+    masks[i] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+  return images, masks, labels
+
+
+def draw_supports(labels, num_episodes, shots, seed=0):
+  """Support indices of each episode: `shots` images of each class.
+
+  Args:
+    labels: [n] pool labels in {0, 1, 2}.
+    num_episodes: E.
+    shots: images per class.
+    seed: random seed.
+
+  Returns:
+    [E, 3 * shots] int indices into the pool.
+  """
+  rng = np.random.default_rng(seed)
+  by_class = [np.flatnonzero(labels == c) for c in range(3)]
+  for c, idx in enumerate(by_class):
+    if len(idx) < shots:
+      raise ValueError(
+          f"The pool holds {len(idx)} images of class {c}, fewer than "
+          f"shots={shots}; raise --sweep_pool to at least {3 * shots}."
+      )
+  return np.stack([
+      np.concatenate([rng.choice(idx, shots, replace=False)
+                      for idx in by_class])
+      for _ in range(num_episodes)
+  ])  # fmt: skip
+
+
+def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
+  """Trains E episodes with the project's engine; returns timings.
+
+  Inputs are built as `train.train_and_evaluate` builds them (cache rows,
+  `train.gather_support`, `model.init` / `model.frozen` vmapped over
+  episodes, `train.make_optimizer` with the base config's schedule), on one
+  device without a mesh. Description embeddings are random (their values do
+  not change the work).
+
+  Args:
+    backbone: the clip.Backbone the cache was built with.
+    cfg: model.ModelConfig.
+    cache: a features.FeatureCache of the pool.
+    supports: [E, S] support indices into the pool.
+    labels: [n] pool labels.
+    steps: timed training steps.
+    seed: random seed.
+
+  Returns:
+    A dict: init and step compile seconds, `init_s` and `train_s` (timed,
+    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step, final
+    mean loss.
+  """
+  num_episodes, s = supports.shape
+  rng = np.random.default_rng(seed)
+  ep_data = jax.device_put({
+      "rows": cache.rows[supports, 0].astype(np.int32),
+      "labels": labels[supports].astype(np.int32),
+      "group": np.broadcast_to(np.arange(s, dtype=np.int32),
+                               (num_episodes, s)).copy(),
+      "text_embed": rng.standard_normal(
+          (num_episodes, s, backbone.embed_dim)).astype(np.float32),
+  })  # fmt: skip
+  cache_arrays = (cache.global_embed, cache.patch_tokens,
+                  jax.device_put(cache.masks))  # fmt: skip
+  clip_params = jax.device_put(backbone.params)
+  tc = common.get_base_config().train
+  tc.steps = steps
+  tx = train.make_optimizer(tc)
+
+  def init_all(keys, ep_data, cache_arrays, clip_params):
+    def one(key, ep):
+      support = train.gather_support(cache_arrays, ep)
+      params = model.init(key, cfg, backbone, clip_params, support)
+      fz = model.frozen(cfg, backbone, clip_params, support)
+      return params, tx.init(params), fz
+
+    return jax.vmap(one)(keys, ep_data)
+
+  keys = jax.random.split(jax.random.key(seed), num_episodes)
+  out = {}
+  start = time.perf_counter()
+  init_c = jax.jit(init_all).lower(keys, ep_data, cache_arrays,
+                                   clip_params).compile()  # fmt: skip
+  out["init_compile_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  params, opt, frozen = jax.block_until_ready(
+      init_c(keys, ep_data, cache_arrays, clip_params)
+  )
+  out["init_s"] = time.perf_counter() - start
+
+  state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32)}
+  key = jax.random.key(seed + 1)
+  step_kwargs = dict(tx=tx, cfg=cfg, backbone=backbone)
+  if "batch_size" in inspect.signature(train.train_step).parameters:
+    step_kwargs["batch_size"] = 0  # the whole support set every step
+  step_fn = jax.jit(
+      functools.partial(train.train_step, **step_kwargs), donate_argnums=(0,)
+  )
+  start = time.perf_counter()
+  step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
+                         key).compile()  # fmt: skip
+  out["step_compile_s"] = time.perf_counter() - start
+  out["step_flops"] = float(_cost(step_c).get("flops", float("nan")))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, step_metrics = step_c(state, ep_data, frozen, cache_arrays,
+                                 clip_params, key)  # fmt: skip
+  jax.block_until_ready((state, step_metrics))
+  out["train_s"] = time.perf_counter() - start
+  out["jax_s"] = out["init_s"] + out["train_s"]
+  out["final_loss"] = float(np.mean(jax.device_get(step_metrics["loss"])))
+  return out
+
+
+def peer_loss(w1, b1, w2, b2, tokens, text, masks, gamma=2.0):
+  """The peer-style head's loss on one support batch (PyTorch).
+
+  Per tapped layer: a bottleneck adapter mixed into the tokens (0.8 x +
+  0.2 adapter(x), as MVFA's), cosine similarity to the [normal, abnormal]
+  text features, a softmax at temperature 0.01, bilinear upsampling of the
+  abnormal probability to the image size, focal + dice loss against the
+  masks. The layers' adapters are stacked so that one batched matmul serves
+  them all.
+
+  Args:
+    w1: [L, D, R] first adapter weights; b1 [L, R].
+    b1: see w1.
+    w2: [L, R, D] second adapter weights; b2 [L, D].
+    b2: see w2.
+    tokens: [L, B, N, D] frozen patch tokens.
+    text: [2, D] unit-norm text features.
+    masks: [B, H, W] float masks in {0, 1}.
+    gamma: focal loss exponent.
+
+  Returns:
+    The scalar loss.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  act = F.leaky_relu
+  h = act(torch.einsum("lbnd,ldr->lbnr", tokens, w1) + b1[:, None, None])
+  a = act(torch.einsum("lbnr,lrd->lbnd", h, w2) + b2[:, None, None])
+  x = F.normalize(0.8 * tokens + 0.2 * a, dim=-1)
+  prob = torch.softmax(100.0 * x @ text.T, dim=-1)[..., 1]  # [L, B, N]
+  num_layers, b, n = prob.shape
+  grid = int(round(math.sqrt(n)))
+  size = masks.shape[-1]
+  prob = F.interpolate(
+      prob.reshape(num_layers * b, 1, grid, grid), size=(size, size),
+      mode="bilinear", align_corners=False,
+  ).reshape(num_layers, b, size, size)  # fmt: skip
+  m = masks[None]
+  p = prob.clamp(1e-6, 1.0 - 1e-6)
+  p_true = torch.where(m > 0.5, p, 1.0 - p)
+  focal = (-((1.0 - p_true) ** gamma) * torch.log(p_true)).mean()
+  inter = (p * m).sum((2, 3))
+  dice = 1.0 - (2.0 * inter + 1.0) / (p.sum((2, 3)) + m.sum((2, 3)) + 1.0)
+  return focal + dice.mean()
+
+
+class TorchPeer:
+  """The peer-style PyTorch few-shot loop, made as fast as a user would.
+
+  Frozen CLIP image tower: the same weights as the JAX backbone,
+  `torch.compile` with freezing, run under `torch.no_grad` on the whole
+  support batch at once. Head: `peer_loss` (optionally `torch.compile`d,
+  forward and backward), fused Adam. Threads = cores. Images are already
+  normalised tensors in memory (no data loading or augmentation is timed).
+  """
+
+  def __init__(self, backbone, layers, images, masks, *, device="cpu",
+               compile_head=False, reduction=4):  # fmt: skip
+    import torch  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(num_cores())
+    self.torch = torch
+    self.device = device
+    self.dim = backbone.embed_dim
+    self.num_layers = len(layers)
+    self.rank = max(1, self.dim // reduction)
+    self.encoder = compile_torch(
+        torch_image_encoder(torch_clip(backbone, device), layers)
+    )
+    pixels = np.ascontiguousarray(clip.normalize(images).transpose(0, 3, 1, 2))
+    self.pixels = torch.from_numpy(pixels).to(device)
+    self.masks = torch.from_numpy(masks.astype(np.float32)).to(device)
+    self.loss = torch.compile(peer_loss, dynamic=False) if compile_head else (
+        peer_loss)  # fmt: skip
+
+  def episode(self, support, steps, seed=0):
+    """Trains one episode's head for `steps` steps; returns the last loss."""
+    torch = self.torch
+    gen = torch.Generator().manual_seed(seed)
+    l, d, r = self.num_layers, self.dim, self.rank
+
+    def weight(*shape, fan_in):
+      w = torch.randn(*shape, generator=gen) / math.sqrt(fan_in)
+      return w.to(self.device).requires_grad_()
+
+    weights = [
+        weight(l, d, r, fan_in=d),
+        torch.zeros(l, r, device=self.device, requires_grad=True),
+        weight(l, r, d, fan_in=r),
+        torch.zeros(l, d, device=self.device, requires_grad=True),
+    ]
+    text = torch.nn.functional.normalize(
+        torch.randn(2, d, generator=gen).to(self.device), dim=-1
+    )
+    opt = torch.optim.Adam(weights, lr=1e-3, fused=True)
+    idx = torch.as_tensor(np.asarray(support), device=self.device)
+    x, m = self.pixels[idx], self.masks[idx]
+    loss = None
+    for _ in range(steps):
+      with torch.no_grad():
+        _, tokens, _ = self.encoder(x)
+      loss = self.loss(*weights, tokens, text, m)
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+    _torch_sync(self.device)
+    return float(loss)
+
+
+def bench_sweep(
+    *,
+    model_name,
+    episodes,
+    steps,
+    shots,
+    pool,
+    torch_max_episodes,
+    torch_device="cpu",
+    compile_head=False,
+    with_torch=True,
+    seed=0,
+):
+  """The few-shot sweep: the engine against the peer loop, for each E.
+
+  Args:
+    model_name: the backbone ("tiny" or an OpenAI CLIP name, random
+      weights).
+    episodes: the episode counts E to time.
+    steps: training steps of every episode, on both sides.
+    shots: support images per class (S = 3 x shots).
+    pool: images in the pool the supports are drawn from (the cache holds
+      all of them).
+    torch_max_episodes: the peer runs at most this many episodes per E; a
+      larger E is extrapolated linearly (its episodes run one after another
+      and cost the same) and flagged.
+    torch_device: "cpu" or "cuda".
+    compile_head: torch.compile the peer's head loss.
+    with_torch: run the peer.
+    seed: random seed.
+
+  Returns:
+    A dict with the settings, the one-off feature extraction time, and per
+    E (as a string key) jax_s, torch_s, speedup and per-episode times.
+  """
+  backbone = make_backbone(model_name, seed=seed)
+  layers = tapped_layers(backbone.num_layers)
+  cfg = model.ModelConfig.from_dict(
+      common.model_config(layers=layers).to_dict()
+  )
+  images, masks, labels = synthetic_pool(pool, backbone.image_size, seed)
+  out = {
+      "model": model_name,
+      "image_size": backbone.image_size,
+      "layers": list(layers),
+      "steps": steps,
+      "shots_per_class": shots,
+      "support_size": 3 * shots,
+      "pool": pool,
+      "fusion": cfg.fusion,
+      "prompt_mode": cfg.prompt_mode,
+  }
+  start = time.perf_counter()
+  cache = features.build(
+      backbone, jax.device_put(backbone.params), images, masks, None,
+      np.zeros(pool, bool), layers=layers, num_views=1,
+      batch_size=min(32, pool),
+  )  # fmt: skip
+  jax.block_until_ready(cache.patch_tokens)
+  out["feature_extraction_s"] = time.perf_counter() - start
+  out["feature_extraction_note"] = (
+      "one-off backbone pass over the pool, compilation included; not in "
+      "jax_s"
+  )
+  peer = None
+  if with_torch:
+    start = time.perf_counter()
+    peer = TorchPeer(backbone, layers, images, masks, device=torch_device,
+                     compile_head=compile_head)  # fmt: skip
+    # Warm-up: compiles the backbone (and head) for the support shape.
+    peer.episode(draw_supports(labels, 1, shots, seed + 7)[0], 2)
+    out["torch_warmup_s"] = time.perf_counter() - start
+  for num in episodes:
+    supports = draw_supports(labels, num, shots, seed + num)
+    row = jax_engine(backbone, cfg, cache, supports, labels, steps, seed)
+    if peer is not None:
+      run = min(num, torch_max_episodes)
+      start = time.perf_counter()
+      for e in range(run):
+        row["torch_final_loss"] = peer.episode(supports[e], steps, seed + e)
+      measured = time.perf_counter() - start
+      row["torch_episodes_run"] = run
+      row["torch_extrapolated"] = run < num
+      row["torch_s"] = measured * num / run
+      row["speedup"] = row["torch_s"] / row["jax_s"]
+      row["torch_s_per_episode"] = row["torch_s"] / num
+    row["jax_s_per_episode"] = row["jax_s"] / num
+    out[str(num)] = row
+    logging_line = (
+        f"  sweep E={num}: jax {row['jax_s']:.2f} s"
+        + (f", torch {row['torch_s']:.2f} s, x{row['speedup']:.1f}"
+           if peer is not None else "")
+    )  # fmt: skip
+    print(logging_line, flush=True)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Evaluation metrics.
+# ----------------------------------------------------------------------------
+
+
+def bench_metrics(num_maps, size, repeats, seed=0):
+  """Pixel AUROC and AP: ultraad_jax.metrics against scikit-learn.
+
+  Inputs are `metrics_memory.make_data` (float32 maps with many exact ties,
+  elliptic lesions). Times are medians of `repeats` calls without tracing;
+  peak memory is one more call under tracemalloc (`metrics_memory.measure`):
+  the traced allocations above the inputs, which sees NumPy's buffers.
+
+  Args:
+    num_maps: N query maps.
+    size: map side in pixels.
+    repeats: timed calls of each.
+    seed: data seed.
+
+  Returns:
+    A dict: ours_s, sklearn_s, their peak MiB, AP times, values.
+  """
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+
+  maps, masks = metrics_memory.make_data(num_maps, size, seed)
+  flat_maps, flat_masks = maps.ravel(), masks.ravel()
+  fns = {
+      "ours": lambda: metrics.pixel_auroc(maps, masks),
+      "sklearn": lambda: skm.roc_auc_score(flat_masks, flat_maps),
+      "ours_ap": lambda: metrics.pixel_average_precision(maps, masks),
+      "sklearn_ap": lambda: skm.average_precision_score(flat_masks, flat_maps),
+  }
+  timings = time_interleaved(fns, repeats, warmup=0)
+  out = {
+      "num_maps": num_maps,
+      "size": size,
+      "pixels": int(maps.size),
+      "inputs_mb": (maps.nbytes + masks.nbytes) / MIB,
+      "timings": timings,
+  }
+  for name, fn in fns.items():
+    value, _, peak = metrics_memory.measure(fn)
+    out[f"{name}_s"] = timings[name]["median_s"]
+    out[f"{name}_peak_mb"] = peak / MIB
+    out[f"{name}_value"] = float(value)
+  out["time_ratio"] = out["ours_s"] / out["sklearn_s"]
+  out["memory_ratio"] = out["ours_peak_mb"] / out["sklearn_peak_mb"]
+  out["max_abs_diff"] = max(
+      abs(out["ours_value"] - out["sklearn_value"]),
+      abs(out["ours_ap_value"] - out["sklearn_ap_value"]),
+  )
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Targets and the command line.
+# ----------------------------------------------------------------------------
+
+# Issue 6's targets: (JSON path, comparison, threshold, description).
+TARGETS = (
+    ("backbone.speedup", ">=", 1.5,
+     "backbone f32 speedup over stock PyTorch (compiled, frozen)"),
+    ("backbone.mfu", ">=", 0.65, "backbone f32 MFU (stretch 0.72)"),
+    ("sweep.64.speedup", ">=", 20.0,
+     "64-episode sweep speedup over the peer loop"),
+    ("metrics.time_ratio", "<=", 2.0,
+     "pixel AUROC time / scikit-learn's"),
+    ("metrics.memory_ratio", "<", 1.0,
+     "pixel AUROC peak memory / scikit-learn's"),
+)  # fmt: skip
+
+
+def _lookup(tree, path):
+  node = tree
+  for part in path.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_targets(results):
+  """Met / missed for each of TARGETS that was measured.
+
+  Args:
+    results: the benchmark's JSON dict.
+
+  Returns:
+    A list of {"target", "value", "threshold", "met"}.
+  """
+  rows = []
+  for path, op, threshold, what in TARGETS:
+    value = _lookup(results, path)
+    if not isinstance(value, (int, float)) or math.isnan(value):
+      continue
+    met = value >= threshold if op == ">=" else (
+        value <= threshold if op == "<=" else value < threshold)
+    rows.append({"target": f"{what}: {path} {op} {threshold}",
+                 "value": value, "threshold": threshold, "met": bool(met)})
+  return rows  # fmt: skip
+
+
+def _csv(kind):
+  def parse(text):
+    return tuple(kind(x) for x in text.split(",") if x.strip())
+
+  return parse
+
+
+def parse_args(argv=None):
+  """The command line; mode defaults fill every size not given."""
+  p = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_true",
+                    help="small settings: <= 5 minutes on 2 CPU cores")
+  mode.add_argument("--accelerator", action="store_true",
+                    help="GPU/TPU settings: ViT-L/14@336, 256 episodes")
+  p.add_argument("--json", help="write the results here")
+  p.add_argument("--sections", type=_csv(str),
+                 default=("peak", "backbone", "sweep", "metrics"),
+                 help="comma list of peak, backbone, sweep, metrics")
+  p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                 default=None, help="also time the bf16 paths")
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction,
+                 default=True, help="time the PyTorch side")
+  p.add_argument("--default_flags", action=argparse.BooleanOptionalAction,
+                 default=None,
+                 help="time JAX with XLA's default flags in a child process")
+  p.add_argument("--backbone_models", type=_csv(str))
+  p.add_argument("--backbone_batch", type=int)
+  p.add_argument("--repeats", type=int)
+  p.add_argument("--warmup", type=int)
+  p.add_argument("--sweep_model")
+  p.add_argument("--sweep_episodes", type=_csv(int))
+  p.add_argument("--sweep_steps", type=int)
+  p.add_argument("--sweep_shots", type=int)
+  p.add_argument("--sweep_pool", type=int)
+  p.add_argument("--torch_max_episodes", type=int)
+  p.add_argument("--torch_head_compile", action="store_true",
+                 help="torch.compile the peer head's loss (forward+backward)")
+  p.add_argument("--metrics_maps", type=int)
+  p.add_argument("--metrics_size", type=int)
+  p.add_argument("--metrics_repeats", type=int)
+  p.add_argument("--peak_gflops", type=float,
+                 help="the f32 peak for the MFU (default: measured on CPU)")
+  p.add_argument("--_child", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  args.mode = "quick" if args.quick else (
+      "accelerator" if args.accelerator else "full")  # fmt: skip
+  for key, value in MODES[args.mode].items():
+    if getattr(args, key, None) is None:
+      setattr(args, key, value)
+  return args
+
+
+def _print_summary(results):
+  bb = results.get("backbone", {})
+  print("\n== Summary ==")
+  if "jax_ms_per_image" in bb:
+    line = f"backbone {bb['model']} batch {bb['batch']}: JAX f32 " + (
+        f"{bb['jax_ms_per_image']:.1f} ms/image")
+    if "torch_ms_per_image" in bb:
+      line += (f", PyTorch f32 {bb['torch_ms_per_image']:.1f} ms/image, "
+               f"speedup x{bb['speedup']:.2f}")
+    print(line)
+    if "jax_ms_per_image_bf16" in bb:
+      line = f"  bf16: JAX {bb['jax_ms_per_image_bf16']:.1f} ms/image"
+      if "torch_ms_per_image_bf16" in bb:
+        line += (f", PyTorch {bb['torch_ms_per_image_bf16']:.1f}, speedup "
+                 f"x{bb['speedup_bf16']:.2f}")
+      print(line)
+    if "mfu" in bb:
+      print(f"  JAX {bb['jax_gflops']:.0f} GFLOP/s = MFU {bb['mfu']:.1%} of "
+            f"{results['peak']['peak_gflops']:.0f} GFLOP/s")
+    if "default_xla_flags" in bb and "jax_ms_per_image" in (
+        bb["default_xla_flags"]):
+      print(f"  XLA default flags: "
+            f"{bb['default_xla_flags']['jax_ms_per_image']:.1f} ms/image")
+  sweep = results.get("sweep", {})
+  for key, row in sweep.items():
+    if isinstance(row, dict) and "jax_s" in row:
+      line = f"sweep E={key}: JAX {row['jax_s']:.2f} s"
+      if "torch_s" in row:
+        line += (f", peer {row['torch_s']:.2f} s"
+                 f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
+                 f", speedup x{row['speedup']:.1f}")
+      print(line)
+  mt = results.get("metrics", {})
+  if "ours_s" in mt:
+    print(f"pixel AUROC over {mt['pixels']:,} pixels: ours {mt['ours_s']:.2f} "
+          f"s / {mt['ours_peak_mb']:.0f} MiB, scikit-learn "
+          f"{mt['sklearn_s']:.2f} s / {mt['sklearn_peak_mb']:.0f} MiB")
+  for note in results.get("notes", []):
+    print("NOTE:", note)
+  for row in results.get("targets", []):
+    print(f"[{'met' if row['met'] else 'MISSED'}] {row['target']} "
+          f"(measured {row['value']:.3g})")  # fmt: skip
+
+
+def _child_main(args):
+  if args._child == "peak":  # pylint: disable=protected-access
+    out = fma_peak()
+  elif args._child == "backbone_jax":  # pylint: disable=protected-access
+    out = bench_backbone(args.backbone_models[0], batch=args.backbone_batch,
+                         repeats=args.repeats, warmup=args.warmup,
+                         bf16=False, with_torch=False)  # fmt: skip
+  else:
+    raise ValueError(f"unknown child {args._child!r}")  # pylint: disable=protected-access
+  out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  print(json.dumps(out), flush=True)
+
+
+def main(argv=None):
+  """Runs the selected sections and writes the JSON; returns the results."""
+  args = parse_args(argv)
+  if args._child:  # pylint: disable=protected-access
+    _child_main(args)
+    return None
+  unknown = set(args.sections) - {"peak", "backbone", "sweep", "metrics"}
+  if unknown:
+    raise ValueError(
+        f"--sections has unknown entries {sorted(unknown)}; expected some of "
+        "peak, backbone, sweep, metrics."
+    )
+  t_start = time.time()
+  info = machine_info()
+  results = {"mode": args.mode, "machine": info, "notes": [],
+             "settings": {k: getattr(args, k) for k in MODES[args.mode]}}
+  on_cpu = info["jax_backend"] == "cpu"
+  torch_device = "cpu"
+  if args.torch:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+
+      if not on_cpu and torch.cuda.is_available():
+        torch_device = "cuda"
+      elif not on_cpu:
+        results["notes"].append(
+            "PyTorch has no CUDA device here: its side runs on the CPU.")
+    except ImportError:
+      args.torch = False
+      results["notes"].append("PyTorch is not installed: JAX side only.")
+  results["machine"]["torch_device"] = torch_device
+  print(f"bench.py mode={args.mode}: {info['cpu_model']} ({info['vendor']}), "
+        f"{info['cores']} cores, JAX on {info['jax_backend']}, load average "
+        f"{info['load_average'][0]:.2f}", flush=True)  # fmt: skip
+  if info["vendor"] == "AMD" and args.torch and torch_device == "cpu":
+    results["notes"].append(
+        "AMD CPU: stock PyTorch f32 matmuls go through Intel MKL, which takes "
+        "a generic code path on AMD processors (about a third of the peak). "
+        "The ratio to PyTorch f32 is therefore flattering; the share of the "
+        "FMA peak (MFU) is the honest figure.")
+
+  # ---- Peak ----------------------------------------------------------------
+  peak = {}
+  if args.peak_gflops:
+    peak["peak_gflops"] = args.peak_gflops
+    peak["source"] = "--peak_gflops"
+  if "peak" in args.sections and on_cpu and args.peak:
+    print("peak: FMA loop (child, 512-bit vectors) and a 4096^3 matmul...",
+          flush=True)
+    child = run_child("peak", [], "vector512")
+    peak.update({k: v for k, v in child.items() if k != "xla_flags"})
+    peak["matmul_gflops"] = matmul_rate(4096 if args.mode != "quick" else 2048)
+    peak["theoretical"] = theoretical_peak(info)
+    measured = [peak.get("fma_loop_gflops", 0.0), peak["matmul_gflops"]]
+    if "peak_gflops" not in peak:
+      peak["peak_gflops"] = max(measured)
+      peak["source"] = (
+          "max(measured FMA loop, measured matmul): a measured lower bound "
+          "on the true peak")
+    results["peak"] = peak
+    print(f"  FMA loop {peak.get('fma_loop_gflops', float('nan')):.0f}, "
+          f"matmul {peak['matmul_gflops']:.0f}, formula "
+          f"{peak['theoretical']['formula_gflops']:.0f} / microarch "
+          f"{peak['theoretical']['microarch_gflops']:.0f} GFLOP/s at "
+          f"{peak['theoretical']['clock_ghz']:.2f} GHz", flush=True)
+  elif peak:
+    results["peak"] = peak
+
+  # ---- Backbone --------------------------------------------------------------
+  if "backbone" in args.sections:
+    per_model = {}
+    for i, name in enumerate(args.backbone_models):
+      print(f"backbone {name}...", flush=True)
+      per_model[name] = bench_backbone(
+          name, batch=args.backbone_batch if i == 0 else max(
+              args.backbone_batch, 32),
+          repeats=args.repeats, warmup=args.warmup, bf16=args.bf16,
+          with_torch=args.torch, torch_device=torch_device,
+          peak_gflops=peak.get("peak_gflops"))  # fmt: skip
+    primary = per_model[args.backbone_models[0]]
+    backbone = dict(primary)
+    for name in args.backbone_models[1:]:
+      backbone[name] = per_model[name]
+    if args.default_flags and on_cpu:
+      print("backbone with XLA's default flags (child)...", flush=True)
+      child = run_child(
+          "backbone_jax",
+          ["--backbone_models", args.backbone_models[0], "--backbone_batch",
+           str(args.backbone_batch), "--repeats", str(args.repeats),
+           "--warmup", str(args.warmup)], "default")  # fmt: skip
+      keep = ("jax_ms_per_image", "timings", "xla_flags", "error")
+      backbone["default_xla_flags"] = {k: child[k] for k in keep if k in child}
+      if "jax_ms_per_image" in child:
+        backbone["project_flags_speedup"] = (
+            child["jax_ms_per_image"] / primary["jax_ms_per_image"])
+    results["backbone"] = backbone
+
+  # ---- Sweep -------------------------------------------------------------------
+  if "sweep" in args.sections:
+    print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
+    results["sweep"] = bench_sweep(
+        model_name=args.sweep_model, episodes=args.sweep_episodes,
+        steps=args.sweep_steps, shots=args.sweep_shots, pool=args.sweep_pool,
+        torch_max_episodes=args.torch_max_episodes,
+        torch_device=torch_device, compile_head=args.torch_head_compile,
+        with_torch=args.torch)  # fmt: skip
+
+  # ---- Metrics -------------------------------------------------------------------
+  if "metrics" in args.sections:
+    print(f"metrics: {args.metrics_maps} maps of {args.metrics_size}^2...",
+          flush=True)
+    results["metrics"] = bench_metrics(args.metrics_maps, args.metrics_size,
+                                       args.metrics_repeats)  # fmt: skip
+
+  results["targets"] = check_targets(results)
+  results["machine"]["load_average_end"] = list(os.getloadavg())
+  results["wall_s"] = time.time() - t_start
+  _print_summary(results)
+  print(f"total {results['wall_s']:.0f} s", flush=True)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, default=str)
+    print(f"wrote {args.json}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

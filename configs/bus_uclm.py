@@ -1,0 +1,36 @@
+"""BUS-UCLM (Vallez et al. 2025), few-shot per_class, patient-disjoint.
+
+Download BUS-UCLM by hand (see docs/DATA.md), then:
+
+  python main.py --config configs/bus_uclm.py \
+      --config.data.manual_dir=/path/to/folder/holding/BUS-UCLM \
+      --workdir runs/bus_uclm
+
+The query set of each episode excludes every image of the support patients
+(file-name prefix), so no patient is on both sides. Variants: tiny, shots=K.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  """Returns the BUS-UCLM config."""
+  v = common.parse_arg(arg, tiny=False, shots=4)
+  c = common.get_base_config()
+  c.data.name = "bus_uclm"
+  c.data.split = "all"
+  c.episodes.shots = v.shots
+  c.episodes.num_episodes = 16
+  c.backbone.name = "openai/clip-vit-large-patch14-336"
+  c.model = common.model_config(layers=(6, 12, 18, 24))
+  c.train.steps = 200
+  c.cache.dtype = "bfloat16"
+  c.cache.memory_budget_gb = 32.0
+  c.eval.batch_size = 16
+  if v.tiny:
+    c.backbone.name = "tiny"
+    c.backbone.image_size = 96
+    c.model = common.model_config(layers=(1, 2, 3, 4))
+    c.episodes.num_episodes = 8
+    c.cache.dtype = "float32"
+  return c

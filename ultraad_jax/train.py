@@ -1,0 +1,821 @@
+"""Episode-parallel few-shot training and evaluation: `train_and_evaluate`.
+
+One run trains and evaluates E few-shot episodes (seeds x draws) at once. The
+trainable state of every episode is stacked on a leading axis; `train_step`
+is the single-episode update vmapped over that axis and jitted, with the axis
+sharded over the "episode" axis of a device mesh. CLIP is frozen: its features
+come from a cache built once (features.py), and its parameters are replicated
+arguments that never enter the optimizer.
+
+The function is split by banner comments in the order it runs: config checks,
+mesh, data and episodes, feature cache, model and optimizer, checkpoint,
+training loop, evaluation, reports.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ultraad_jax import checkpoint as ckpt_lib
+from ultraad_jax import clip
+from ultraad_jax import data as data_lib
+from ultraad_jax import descriptions
+from ultraad_jax import evaluation
+from ultraad_jax import features
+from ultraad_jax import model
+from ultraad_jax import pipeline
+from ultraad_jax import report
+from ultraad_jax import run_config
+
+P = jax.sharding.PartitionSpec
+
+# Counts how often the train step is traced (one per sweep shape). Tests read
+# it to prove the step never recompiles; it has no other use.
+TRACE_COUNTS = {"train_step": 0, "predict": 0}
+
+
+class TrainingDiverged(RuntimeError):
+  """NaN or Inf in the loss or gradients; the message names step/episodes."""
+
+
+# ---------------------------------------------------------------------------
+# Mesh.
+# ---------------------------------------------------------------------------
+def make_mesh(config):
+  """Builds the ("episode", "data") mesh over the configured devices."""
+  devices = jax.devices()
+  n = config.mesh.num_devices or len(devices)
+  data = config.mesh.data
+  mesh = jax.make_mesh(
+      (n // data, data),
+      ("episode", "data"),
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+      devices=devices[:n],
+  )
+  logging.info(
+      "Mesh: %s over %d %s device(s).", dict(mesh.shape), n, devices[0].platform
+  )
+  return mesh
+
+
+# ---------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Split:
+  """All images of one dataset split, resized to the backbone's input size."""
+
+  name: str
+  images: np.ndarray  # [N, S, S, 3] uint8
+  masks: np.ndarray  # [N, S, S] uint8
+  labels: np.ndarray  # [N] int32
+  image_ids: list
+  patient_ids: list
+
+
+def load_split(name, split, manual_dir, config, size):
+  """Reads one split of a TFDS dataset into memory at the backbone size."""
+  start = time.time()
+  options = {"skip_bad": config.data.skip_bad, "dedupe": config.data.dedupe}
+  if config.data.builder_config:
+    options["builder_config"] = config.data.builder_config
+  sources = data_lib.load(
+      name,
+      data_dir=config.data.data_dir or run_config.default_data_dir(),
+      manual_dir=manual_dir or None,
+      **options,
+  )
+  if split not in sources:
+    raise ValueError(
+        f"data split {split!r} is not in dataset {name!r}; it "
+        f"has {sorted(sources)}. Set data.split / data.test_split."
+    )
+  source = sources[split]
+  images, masks, labels = pipeline.load_arrays(
+      source, np.arange(len(source)), size, mode=config.data.resize_mode
+  )
+  out = Split(
+      name=f"{name}/{split}",
+      images=images,
+      masks=masks,
+      labels=np.asarray(labels, np.int32),
+      image_ids=list(data_lib.image_ids_of(source)),
+      patient_ids=list(data_lib.patient_ids_of(source)),
+  )
+  logging.info(
+      "Loaded %s: %d images (%s per class) at %d px in %.1f s.",
+      out.name,
+      len(out.labels),
+      np.bincount(out.labels, minlength=3),
+      size,
+      time.time() - start,
+  )
+  return out
+
+
+def make_episodes(config, split, workdir):
+  """Draws (or reads) the few-shot episodes and writes shots.json."""
+  ec = config.episodes
+  has_patients = any(split.patient_ids)
+  if ec.shots_file:
+    episodes = data_lib.load_shots(
+        ec.shots_file,
+        split.image_ids,
+        patient_ids=split.patient_ids if has_patients else None,
+    )
+  else:
+    episodes = data_lib.sample_episodes(
+        split.labels,
+        shots=ec.shots,
+        setting=ec.setting,
+        num_episodes=ec.num_episodes,
+        seed=ec.seed,
+        patient_ids=split.patient_ids if has_patients else None,
+    )
+  if len(episodes) != ec.num_episodes:
+    raise ValueError(
+        f"episodes.shots_file {ec.shots_file!r} holds "
+        f"{len(episodes)} episodes, but episodes.num_episodes is "
+        f"{ec.num_episodes}."
+    )
+  data_lib.save_shots(
+      os.path.join(workdir, "shots.json"),
+      episodes,
+      split.image_ids,
+      meta={
+          "dataset": split.name,
+          "setting": ec.setting,
+          "shots": ec.shots,
+          "seed": ec.seed,
+      },
+  )
+  return episodes
+
+
+# ---------------------------------------------------------------------------
+# Episode tensors.
+# ---------------------------------------------------------------------------
+def episode_arrays(config, split, episodes, cache, backbone, clip_params):
+  """Stacks per-episode support indices, labels and description embeddings.
+
+  Returns:
+    A dict of [E, S'] arrays (S' = support images x views): `rows` (cache
+    rows), `labels`, `group` (support image of each view), and `text_embed`
+    [E, S', D], the frozen embeddings Pt of each sample's description.
+  """
+  num_views = config.data.num_views
+  rows, labels, group, texts = [], [], [], []
+  for i, ep in enumerate(episodes):
+    sup = np.asarray(ep.support)
+    rows.append(cache.rows[sup].reshape(-1))
+    lab = split.labels[sup]
+    labels.append(np.repeat(lab, num_views))
+    group.append(np.repeat(np.arange(len(sup)), num_views))
+    # Descriptions vary with the episode, reproducibly: seed = (seed, i).
+    texts.append(
+        np.repeat(
+            np.asarray(
+                descriptions.assign_descriptions(
+                    lab, seed=config.episodes.seed * 100003 + i
+                ),
+                dtype=object,
+            ),
+            num_views,
+        )
+    )
+  unique = sorted({t for ts in texts for t in ts})
+  table = np.asarray(model.encode_descriptions(backbone, clip_params, unique))
+  lookup = {t: k for k, t in enumerate(unique)}
+  text_idx = np.asarray([[lookup[t] for t in ts] for ts in texts])
+  return {
+      "rows": np.stack(rows).astype(np.int32),
+      "labels": np.stack(labels).astype(np.int32),
+      "group": np.stack(group).astype(np.int32),
+      "text_embed": table[text_idx].astype(np.float32),
+  }
+
+
+def gather_support(cache_arrays, ep):
+  """Builds one episode's model.Support from cache rows (inside jit)."""
+  g, p, m = cache_arrays
+  rows = ep["rows"]
+  return model.Support(
+      global_embed=g[rows].astype(jnp.float32),
+      patch_tokens=p[:, rows].astype(jnp.float32),
+      masks=m[rows].astype(jnp.float32),
+      labels=ep["labels"],
+      group=ep["group"],
+      text_embed=ep["text_embed"],
+  )
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+# ---------------------------------------------------------------------------
+def make_optimizer(tc):
+  """AdamW with warmup-cosine decay and global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=tc.learning_rate,
+      warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
+      decay_steps=max(tc.steps, 1),
+  )
+  parts = []
+  if tc.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(tc.grad_clip))
+  parts.append(
+      optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)
+  )
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Steps (pure functions; the episode axis is added here by vmap).
+# ---------------------------------------------------------------------------
+def train_step(
+    state,
+    ep_data,
+    frozen,
+    cache_arrays,
+    clip_params,
+    rng,
+    *,
+    tx,
+    cfg,
+    backbone,
+):
+  """One optimisation step of every episode.
+
+  Args:
+    state: {"params", "opt"} stacked over episodes, and the scalar "step".
+    ep_data: per-episode support arrays (see episode_arrays), stacked.
+    frozen: per-episode frozen model state (model.frozen), stacked.
+    cache_arrays: (global [M, D], patches [L, M, N, D], masks [M, H, W]).
+    clip_params: frozen backbone parameters (replicated, not optimised).
+    rng: the run's base key; each step and episode folds in its indices.
+    tx: the optax transformation.
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+
+  Returns:
+    (new state, per-episode metrics {name: [E]}).
+  """
+  TRACE_COUNTS["train_step"] += 1
+  step = state["step"]
+  num_episodes = ep_data["rows"].shape[0]
+
+  def one(params, opt, ep, fz, index):
+    key = jax.random.fold_in(jax.random.fold_in(rng, step), index)
+    support = gather_support(cache_arrays, ep)
+    loss_fn = functools.partial(
+        model.loss_fn, cfg=cfg, backbone=backbone, clip_params=clip_params
+    )
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, fz, support, key
+    )
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return params, opt, metrics
+
+  params, opt, metrics = jax.vmap(one)(
+      state["params"], state["opt"], ep_data, frozen, jnp.arange(num_episodes)
+  )
+  return {"params": params, "opt": opt, "step": step + 1}, metrics
+
+
+def predict_step(
+    params,
+    frozen,
+    ep_data,
+    cache_arrays,
+    query_g,
+    query_p,
+    clip_params,
+    *,
+    cfg,
+    backbone,
+    method,
+):
+  """Predictions of every episode (of a chunk) on one query batch.
+
+  Args:
+    params: stacked trainable params (ignored by baselines).
+    frozen: stacked frozen state.
+    ep_data: stacked per-episode support arrays (baselines fit on them).
+    cache_arrays: the support feature cache (see train_step).
+    query_g: [B, D] query global embeddings (shared by all episodes).
+    query_p: [L, B, N, D] query patch tokens.
+    clip_params: frozen backbone parameters.
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+    method: "ultraad" or a baseline name.
+
+  Returns:
+    model.Predictions with a leading episode axis.
+  """
+  TRACE_COUNTS["predict"] += 1
+  query = model.Query(
+      global_embed=query_g.astype(jnp.float32),
+      patch_tokens=query_p.astype(jnp.float32),
+  )
+
+  def one(p, fz, ep):
+    if method == "ultraad":
+      return model.predict(
+          p, fz, query, cfg=cfg, backbone=backbone, clip_params=clip_params
+      )
+    return model.baseline_predictions(
+        method,
+        cfg=cfg,
+        backbone=backbone,
+        clip_params=clip_params,
+        support=gather_support(cache_arrays, ep),
+        frozen_state=fz,
+        query=query,
+    )
+
+  return jax.vmap(one)(params, frozen, ep_data)
+
+
+# ---------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------
+class _StopRequest:
+  """Turns SIGINT/SIGTERM into a flag: the loop finishes the step and saves."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # a second signal: stop at once
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning(
+        "Received signal %d: finishing this step, saving, and "
+        "stopping. Send it again to stop at once.",
+        signum,
+    )
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def build_backbone(config):
+  """The frozen CLIP of the config (tiny, hub name, or local folder)."""
+  bc = config.backbone
+  if bc.name == "tiny":
+    overrides = {}
+    if bc.image_size:
+      overrides["image_size"] = bc.image_size
+    if bc.tiny_init_scale:
+      overrides["init_scale"] = bc.tiny_init_scale
+    if bc.activation:
+      overrides["hidden_act"] = bc.activation
+    return clip.tiny(seed=bc.tiny_seed, **overrides)
+  return clip.load(
+      bc.name,
+      image_size=bc.image_size or None,
+      activation=bc.activation or None,
+  )
+
+
+def _check_finite(metrics, step, checkpointer):
+  """Raises TrainingDiverged naming the step and episodes with NaN/Inf."""
+  bad = np.zeros_like(np.asarray(metrics["loss"]), dtype=bool)
+  for name in ("loss", "grad_norm"):
+    bad |= ~np.isfinite(np.asarray(metrics[name]))
+  if bad.any():
+    last = checkpointer.latest_step()
+    raise TrainingDiverged(
+        f"NaN or Inf in the loss or gradients at step {step} in episode(s) "
+        f"{np.flatnonzero(bad).tolist()}. Training stopped; the last good "
+        f"checkpoint is step {last} in {checkpointer.directory} (left "
+        "intact). Lower train.learning_rate or set train.grad_clip, and check"
+        " the inputs of those episodes (shots.json)."
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains every episode of the config, evaluates, and writes the reports.
+
+  Args:
+    config: a configuration from configs/ (see configs/common.py).
+    workdir: where config.json, shots.json, checkpoints, metrics and results
+      go. Rerunning with the same workdir resumes from the latest checkpoint.
+
+  Returns:
+    The results dict that was written to results.json.
+  """
+  t_start = time.time()
+  timing = {}
+  # ---- Config checks (before anything is loaded or compiled) -------------
+  run_config.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  # ---- Mesh and backbone ---------------------------------------------------
+  mesh = make_mesh(config)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
+  backbone = build_backbone(config)
+  run_config.validate_against_backbone(config, backbone)
+  cfg = model.ModelConfig.from_dict(config.model.to_dict())
+  cfg.validate(backbone)
+  clip_params = jax.device_put(backbone.params, replicated)
+  size = backbone.image_size
+
+  # ---- Data and episodes --------------------------------------------------
+  t0 = time.time()
+  split = load_split(
+      config.data.name, config.data.split, config.data.manual_dir, config, size
+  )
+  run_config.validate_against_data(config, split.labels)
+  episodes = make_episodes(config, split, workdir)
+  cross = bool(config.data.test_name)
+  test = (
+      load_split(
+          config.data.test_name,
+          config.data.test_split,
+          config.data.test_manual_dir,
+          config,
+          size,
+      )
+      if cross
+      else split
+  )
+  timing["data_s"] = time.time() - t0
+
+  # ---- Feature cache ------------------------------------------------------
+  t0 = time.time()
+  num_views = config.data.num_views
+  used = np.zeros(len(split.labels), bool)
+  for ep in episodes:
+    used[ep.support] = True
+  view_seed = config.episodes.seed
+
+  def view_fn(imgs, msks, v):
+    return pipeline.augment(imgs, msks, v, seed=view_seed)
+
+  cache = features.build(
+      backbone,
+      clip_params,
+      split.images,
+      split.masks,
+      view_fn,
+      used,
+      layers=cfg.layers,
+      num_views=num_views,
+      batch_size=config.cache.batch_size,
+      dtype=config.cache.dtype,
+      memory_budget_gb=config.cache.memory_budget_gb,
+      sharding=replicated,
+  )
+  test_cache = cache
+  if cross:
+    test_cache = features.build(
+        backbone,
+        clip_params,
+        test.images,
+        test.masks,
+        None,
+        np.zeros(len(test.labels), bool),
+        layers=cfg.layers,
+        num_views=1,
+        batch_size=config.cache.batch_size,
+        dtype=config.cache.dtype,
+        memory_budget_gb=config.cache.memory_budget_gb,
+        sharding=replicated,
+    )
+  cache_arrays = (
+      cache.global_embed,
+      cache.patch_tokens,
+      jax.device_put(cache.masks, replicated),
+  )
+  ep_np = episode_arrays(
+      config, split, episodes, cache, backbone, backbone.params
+  )
+  ep_data = jax.device_put(ep_np, by_episode)
+  timing["features_s"] = time.time() - t0
+
+  # ---- Model, frozen state and optimizer ----------------------------------
+  num_episodes = len(episodes)
+  tx = make_optimizer(config.train)
+  rng = jax.random.key(config.seed)
+
+  def init_one(key, ep):
+    support = gather_support(cache_arrays, ep)
+    params = model.init(key, cfg, backbone, clip_params, support)
+    return (
+        params,
+        tx.init(params),
+        model.frozen(cfg, backbone, clip_params, support),
+    )
+
+  keys = jax.random.split(jax.random.fold_in(rng, 1), num_episodes)
+  init_fn = jax.jit(
+      jax.vmap(init_one), out_shardings=(by_episode, by_episode, by_episode)
+  )
+  params, opt_state, frozen = init_fn(jax.device_put(keys, by_episode), ep_data)
+  state = {
+      "params": params,
+      "opt": opt_state,
+      "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+  }
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+  # ---- Checkpoint / resume ------------------------------------------------
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep
+  )
+  fingerprint = run_config.fingerprint(config)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(latest, state)
+    if meta.get("fingerprint") != fingerprint:
+      raise ValueError(
+          f"The checkpoint in {checkpointer.directory} was written by a "
+          "different config (its training-relevant keys differ). Use a new "
+          "--workdir, or rerun with the config that wrote it (config.json)."
+      )
+    logging.info("Resumed from step %d.", latest)
+  elif config.mode == "eval":
+    raise FileNotFoundError(
+        f"mode=eval needs a checkpoint, but {checkpointer.directory} has "
+        "none. Train first (mode=train) with this --workdir."
+    )
+
+  # ---- Training loop ------------------------------------------------------
+  t0 = time.time()
+  step_fn = jax.jit(
+      functools.partial(
+          train_step,
+          tx=tx,
+          cfg=cfg,
+          backbone=backbone,
+      ),
+      donate_argnums=(0,),
+      out_shardings=(state_shardings, by_episode),
+  )
+  total = config.train.steps
+  start_step = int(state["step"])
+  writer = report.MetricWriter(workdir)
+  stopped_early = False
+  if config.mode == "train" and start_step < total:
+    lowered = step_fn.lower(
+        state, ep_data, frozen, cache_arrays, clip_params, rng
+    )
+    compiled = lowered.compile()
+    _log_cost("train_step", compiled)
+    if config.dump_hlo:
+      _write(os.path.join(workdir, "hlo", "train_step.txt"), compiled.as_text())
+    profile_range = (start_step + 2, start_step + 2 + config.profile_steps)
+    pending = None  # (step, metrics) whose finiteness is not checked yet
+    t_loop = time.time()
+    with _StopRequest() as stop:
+      for step in range(start_step, total):
+        if config.profile_steps and step == profile_range[0]:
+          jax.block_until_ready(state)
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = step_fn(
+              state, ep_data, frozen, cache_arrays, clip_params, rng
+          )
+        if config.profile_steps and step + 1 == profile_range[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        # The previous step's metrics are checked while this step runs, so
+        # the host never stalls the device on an ordinary step.
+        if pending is not None:
+          _check_finite(jax.device_get(pending[1]), pending[0], checkpointer)
+          pending = None
+        done = step + 1
+        last = done == total or stop.signum is not None
+        if (
+            last
+            or done % config.train.log_every == 0
+            or done == 1
+            or (done % config.checkpoint.every_steps == 0)
+        ):
+          _log_and_save(
+              done,
+              metrics,
+              state,
+              checkpointer,
+              writer,
+              config,
+              fingerprint,
+              t_loop,
+              start_step,
+              total,
+              save=last or (done % config.checkpoint.every_steps == 0),
+          )
+        else:
+          pending = (done, metrics)
+        if stop.signum is not None:
+          stopped_early = done < total
+          break
+    timing["train_s"] = time.time() - t0
+  writer.close()
+  if stopped_early:
+    logging.warning(
+        "Stopped at step %d on request; rerun the same command " "to resume.",
+        int(state["step"]),
+    )
+    checkpointer.close()
+    return None
+
+  # ---- Evaluation ---------------------------------------------------------
+  t0 = time.time()
+  if cross:
+    query_mask = np.ones((num_episodes, len(test.labels)), bool)
+  else:
+    query_mask = np.zeros((num_episodes, len(split.labels)), bool)
+    for i, ep in enumerate(episodes):
+      query_mask[i, ep.query] = True
+  predict = functools.partial(
+      _predict_all,
+      config=config,
+      cfg=cfg,
+      backbone=backbone,
+      clip_params=clip_params,
+      test_cache=test_cache,
+      mesh=mesh,
+  )
+  methods = ("ultraad",) + tuple(config.eval.baselines)
+  per_method = {}
+  examples = {}
+  for method in methods:
+    preds = predict(
+        state["params"], frozen, ep_data, cache_arrays, method=method
+    )
+    per_method[method] = evaluation.episode_metrics(
+        preds,
+        test.labels,
+        test.masks,
+        query_mask,
+        setting=config.episodes.setting,
+    )
+    examples[method] = jax.tree.map(
+        lambda x: None if x is None else x[0], preds
+    )
+    logging.info("Evaluated %s on %d episodes.", method, num_episodes)
+  timing["eval_s"] = time.time() - t0
+  checkpointer.close()
+
+  # ---- Reports ------------------------------------------------------------
+  results = evaluation.assemble_results(
+      config,
+      per_method,
+      backbone_name=config.backbone.name,
+      dataset=test.name,
+      selection=(
+          report.SELECTION_EARLY_STOPPING
+          if config.train.val_fraction > 0
+          else report.SELECTION_FIXED
+      ),
+  )
+  results["model"] = "UltraAD"
+  timing["total_s"] = time.time() - t_start
+  results["timing"] = {k: round(v, 3) for k, v in timing.items()}
+  report.write_results(workdir, results)
+  evaluation.write_figures(
+      workdir, test, query_mask[0], examples, per_method,
+      per_class=config.eval.num_overlays)
+  logging.info("Wrote results to %s.", os.path.join(workdir, "results.md"))
+  return results
+
+
+def _log_and_save(
+    done,
+    metrics,
+    state,
+    checkpointer,
+    writer,
+    config,
+    fingerprint,
+    t_loop,
+    start_step,
+    total,
+    save,
+):
+  """Host-side work after step `done`: NaN check, log line, checkpoint."""
+  metrics = jax.device_get(metrics)
+  _check_finite(metrics, done, checkpointer)
+  means = {k: float(np.mean(v)) for k, v in metrics.items()}
+  writer.write(done, means)
+  elapsed = time.time() - t_loop
+  rate = (done - start_step) / max(elapsed, 1e-9)
+  eta = (total - done) / max(rate, 1e-9)
+  logging.info(
+      "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
+      done,
+      total,
+      means["loss"],
+      rate,
+      _fmt_eta(eta),
+  )
+  if save:
+    checkpointer.save(done, state, {"fingerprint": fingerprint, "step": done})
+
+
+def _fmt_eta(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _log_cost(name, compiled):
+  """Logs XLA's FLOP and byte counts of a compiled step."""
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    logging.info(
+        "%s: %.3g FLOPs, %.3g bytes accessed per call (XLA " "cost_analysis).",
+        name,
+        cost.get("flops", float("nan")),
+        cost.get("bytes accessed", float("nan")),
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("%s: cost_analysis unavailable (%s).", name, e)
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _predict_all(
+    params,
+    frozen,
+    ep_data,
+    cache_arrays,
+    *,
+    method,
+    config,
+    cfg,
+    backbone,
+    clip_params,
+    test_cache,
+    mesh,
+):
+  """Predictions of every episode on every test image, on the host.
+
+  Query images are processed in padded batches of config.eval.batch_size so
+  that one compiled program serves the whole set.
+
+  Returns:
+    dict of numpy arrays: maps [E, N, H, W], image_score [E, N], class_probs
+    [E, N, 3] (keys absent when the method does not produce them).
+  """
+  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
+  fn = jax.jit(
+      functools.partial(
+          predict_step, cfg=cfg, backbone=backbone, method=method
+      ),
+      out_shardings=by_episode,
+  )
+  n = test_cache.rows.shape[0]
+  bs = config.eval.batch_size
+  rows = test_cache.rows[:, 0]
+  outs = []
+  for b in range(math.ceil(n / bs)):
+    idx = rows[b * bs : (b + 1) * bs]
+    valid = len(idx)
+    idx = np.pad(idx, (0, bs - valid))  # padded rows are dropped below
+    g = test_cache.global_embed[idx]
+    p = test_cache.patch_tokens[:, idx]
+    out = jax.device_get(
+        fn(params, frozen, ep_data, cache_arrays, g, p, clip_params)
+    )
+    outs.append(jax.tree.map(lambda x: x[:, :valid], out))
+  merged = {}
+  for field in model.Predictions._fields:
+    vals = [getattr(o, field) for o in outs]
+    if vals[0] is not None:
+      merged[field] = np.concatenate(vals, axis=1)
+  return merged
