@@ -110,7 +110,12 @@ def get_base_config():
   c.data.num_views = 4  # views of each support image (view 0 = original)
   c.data.skip_bad = False
   c.data.dedupe = False
-  c.data.builder_config = ""  # e.g. the phantom's size/difficulty config
+  c.data.builder_config = ""  # a predefined builder config, e.g. "large"
+  # Further builder options (e.g. the phantom's image_size, n_per_class,
+  # difficulty, seed); an experiment lists the keys it sets, so they can be
+  # overridden on the command line.
+  c.data.options = ml_collections.ConfigDict()
+  c.data.test_options = ml_collections.ConfigDict()
 
   # ---- Few-shot episodes ------------------------------------------------------
   c.episodes = ml_collections.ConfigDict()

@@ -50,8 +50,8 @@ def _check_schema(config, reference, prefix=""):
   """Unknown keys and wrong types against the base config (model excluded)."""
   for key in config.keys():
     path = prefix + key
-    if path == "model":
-      continue  # ModelConfig.from_dict checks these against its fields
+    if path in ("model", "data.options", "data.test_options"):
+      continue  # checked by ModelConfig.from_dict / the dataset builder
     if key not in reference:
       raise ValueError(
           f"Unknown config key config.{path}; known keys here: "

@@ -84,12 +84,23 @@ class Split:
   patient_ids: list
 
 
-def load_split(name, split, manual_dir, config, size):
-  """Reads one split of a TFDS dataset into memory at the backbone size."""
+def load_split(name, split, manual_dir, builder_options, config, size):
+  """Reads one split of a TFDS dataset into memory at the backbone size.
+
+  Args:
+    name: the dataset (a builder under datasets/).
+    split: the split to read.
+    manual_dir: the folder of manually downloaded files ("" if none).
+    builder_options: dataset-specific builder options (data.options).
+    config: the run config (data_dir, skip_bad, dedupe, resize_mode).
+    size: the backbone's input size.
+
+  Returns:
+    A Split.
+  """
   start = time.time()
   options = {"skip_bad": config.data.skip_bad, "dedupe": config.data.dedupe}
-  if config.data.builder_config:
-    options["builder_config"] = config.data.builder_config
+  options.update(builder_options)
   sources = data_lib.load(
       name,
       data_dir=config.data.data_dir or run_config.default_data_dir(),
@@ -166,8 +177,54 @@ def make_episodes(config, split, workdir):
 # ---------------------------------------------------------------------------
 # Episode tensors.
 # ---------------------------------------------------------------------------
-def episode_arrays(config, split, episodes, cache, backbone, clip_params):
+def split_support(config, split, episodes):
+  """Support image indices for training and, optionally, for validation.
+
+  With train.val_fraction > 0, the last round(fraction x shots) support
+  images of every class (at least one) are held out of each episode's
+  training set and memory bank: early stopping then watches the loss on
+  them. The query (test) images are never looked at during training.
+
+  Returns:
+    (train, val): lists of index arrays, one per episode; val is None when
+    train.val_fraction is 0.
+  """
+  fraction = config.train.val_fraction
+  if not fraction:
+    return [np.asarray(ep.support) for ep in episodes], None
+  train, val = [], []
+  for ep in episodes:
+    sup = np.asarray(ep.support)
+    lab = split.labels[sup]
+    t, v = [], []
+    for c in np.unique(lab):
+      members = sup[lab == c]
+      n_val = max(1, int(round(len(members) * fraction)))
+      if n_val >= len(members):
+        raise ValueError(
+            f"config.train.val_fraction={fraction} holds out {n_val} of the "
+            f"{len(members)} support images of class {c}, leaving none to "
+            "train on. Use more shots or a smaller val_fraction.")
+      t.extend(members[:-n_val])
+      v.extend(members[-n_val:])
+    train.append(np.asarray(t))
+    val.append(np.asarray(v))
+  return train, val
+
+
+def episode_arrays(config, split, supports, cache, backbone, clip_params,
+                   group_offset=0):
   """Stacks per-episode support indices, labels and description embeddings.
+
+  Args:
+    config: the run config.
+    split: the Split the support images come from.
+    supports: one array of support image indices per episode.
+    cache: the FeatureCache (its row table).
+    backbone: the clip.Backbone (encodes the descriptions).
+    clip_params: its frozen parameters.
+    group_offset: added to the group ids (validation samples must never share
+      a group with a bank entry).
 
   Returns:
     A dict of [E, S'] arrays (S' = support images x views): `rows` (cache
@@ -176,24 +233,15 @@ def episode_arrays(config, split, episodes, cache, backbone, clip_params):
   """
   num_views = config.data.num_views
   rows, labels, group, texts = [], [], [], []
-  for i, ep in enumerate(episodes):
-    sup = np.asarray(ep.support)
+  for i, sup in enumerate(supports):
     rows.append(cache.rows[sup].reshape(-1))
     lab = split.labels[sup]
     labels.append(np.repeat(lab, num_views))
-    group.append(np.repeat(np.arange(len(sup)), num_views))
+    group.append(np.repeat(np.arange(len(sup)), num_views) + group_offset)
     # Descriptions vary with the episode, reproducibly: seed = (seed, i).
-    texts.append(
-        np.repeat(
-            np.asarray(
-                descriptions.assign_descriptions(
-                    lab, seed=config.episodes.seed * 100003 + i
-                ),
-                dtype=object,
-            ),
-            num_views,
-        )
-    )
+    assigned = descriptions.assign_descriptions(
+        lab, seed=config.episodes.seed * 100003 + i)
+    texts.append(np.repeat(np.asarray(assigned, dtype=object), num_views))
   unique = sorted({t for ts in texts for t in ts})
   table = np.asarray(model.encode_descriptions(backbone, clip_params, unique))
   lookup = {t: k for k, t in enumerate(unique)}
@@ -292,7 +340,47 @@ def train_step(
   params, opt, metrics = jax.vmap(one)(
       state["params"], state["opt"], ep_data, frozen, jnp.arange(num_episodes)
   )
-  return {"params": params, "opt": opt, "step": step + 1}, metrics
+  # Other entries (early stopping's "best", "best_val") pass through.
+  return {**state, "params": params, "opt": opt, "step": step + 1}, metrics
+
+
+def val_step(state, ep_val, frozen, cache_arrays, clip_params, rng, *, cfg,
+             backbone):
+  """Validation loss of every episode; keeps each episode's best params.
+
+  Args:
+    state: the training state with "best" and "best_val" (see
+      train_and_evaluate).
+    ep_val: per-episode validation support arrays (held out of training and
+      of the memory bank).
+    frozen: per-episode frozen model state.
+    cache_arrays: the feature cache.
+    clip_params: frozen backbone parameters.
+    rng: base key (the loss may draw a minibatch).
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+
+  Returns:
+    (state with "best"/"best_val" updated, validation loss [E]).
+  """
+
+  def one(params, fz, ep):
+    support = gather_support(cache_arrays, ep)
+    loss, _ = model.loss_fn(params, fz, support, rng, cfg=cfg,
+                            backbone=backbone, clip_params=clip_params)
+    return loss
+
+  loss = jax.vmap(one)(state["params"], frozen, ep_val)
+  better = loss < state["best_val"]
+
+  def pick(best, new):
+    shape = (-1,) + (1,) * (new.ndim - 1)
+    return jnp.where(better.reshape(shape), new, best)
+
+  state = dict(state)
+  state["best"] = jax.tree.map(pick, state["best"], state["params"])
+  state["best_val"] = jnp.where(better, loss, state["best_val"])
+  return state, loss
 
 
 def predict_step(
@@ -450,9 +538,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # ---- Data and episodes --------------------------------------------------
   t0 = time.time()
-  split = load_split(
-      config.data.name, config.data.split, config.data.manual_dir, config, size
-  )
+  options = dict(config.data.options.to_dict())
+  if config.data.builder_config:
+    options["builder_config"] = config.data.builder_config
+  split = load_split(config.data.name, config.data.split,
+                     config.data.manual_dir, options, config, size)
   run_config.validate_against_data(config, split.labels)
   episodes = make_episodes(config, split, workdir)
   cross = bool(config.data.test_name)
@@ -461,6 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           config.data.test_name,
           config.data.test_split,
           config.data.test_manual_dir,
+          config.data.test_options.to_dict(),
           config,
           size,
       )
@@ -515,10 +606,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       cache.patch_tokens,
       jax.device_put(cache.masks, replicated),
   )
-  ep_np = episode_arrays(
-      config, split, episodes, cache, backbone, backbone.params
-  )
-  ep_data = jax.device_put(ep_np, by_episode)
+  train_support, val_support = split_support(config, split, episodes)
+  ep_data = jax.device_put(
+      episode_arrays(config, split, train_support, cache, backbone,
+                     backbone.params), by_episode)
+  ep_val = None
+  if val_support is not None:
+    ep_val = jax.device_put(
+        episode_arrays(config, split, val_support, cache, backbone,
+                       backbone.params, group_offset=1 << 20), by_episode)
   timing["features_s"] = time.time() - t0
 
   # ---- Model, frozen state and optimizer ----------------------------------
@@ -545,6 +641,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       "opt": opt_state,
       "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
   }
+  if ep_val is not None:
+    # Early stopping keeps each episode's best parameters (on its support
+    # validation images). A host copy, so that donating `params` to the step
+    # never frees the buffers of `best`.
+    state["best"] = jax.device_put(jax.device_get(params), by_episode)
+    state["best_val"] = jax.device_put(
+        np.full((num_episodes,), np.inf, np.float32), by_episode)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   # ---- Checkpoint / resume ------------------------------------------------
@@ -580,6 +683,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       donate_argnums=(0,),
       out_shardings=(state_shardings, by_episode),
   )
+  val_fn = None
+  if ep_val is not None:
+    val_fn = jax.jit(
+        functools.partial(val_step, cfg=cfg, backbone=backbone),
+        donate_argnums=(0,),
+        out_shardings=(state_shardings, by_episode),
+    )
   total = config.train.steps
   start_step = int(state["step"])
   writer = report.MetricWriter(workdir)
@@ -614,6 +724,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           pending = None
         done = step + 1
         last = done == total or stop.signum is not None
+        if val_fn is not None and (last or done % config.train.val_every == 0):
+          state, val_loss = val_fn(
+              state, ep_val, frozen, cache_arrays, clip_params, rng
+          )
+          val_loss = np.asarray(val_loss)
+          writer.write(done, {"val_loss": float(np.mean(val_loss))})
+          logging.info("step %d  validation loss %.4f (mean over episodes)",
+                       done, float(np.mean(val_loss)))
         if (
             last
             or done % config.train.log_every == 0
@@ -669,9 +787,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   per_method = {}
   examples = {}
   for method in methods:
-    preds = predict(
-        state["params"], frozen, ep_data, cache_arrays, method=method
-    )
+    # With early stopping, each episode is evaluated at its best step on
+    # its own support validation images; otherwise at the last step.
+    eval_params = state["best"] if ep_val is not None else state["params"]
+    preds = predict(eval_params, frozen, ep_data, cache_arrays, method=method)
     per_method[method] = evaluation.episode_metrics(
         preds,
         test.labels,

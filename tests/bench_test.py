@@ -1,0 +1,136 @@
+"""Smoke tests of benchmarks/bench.py at the tiniest settings (no timing).
+
+The benchmark's numbers only mean something on an idle machine, so nothing
+here asserts a time. What is checked: every section runs end to end through
+the accelerator code path (tiny sizes, PyTorch uncompiled to stay fast), the
+JSON carries the documented keys, the JAX and PyTorch backbones compute the
+same features from the same weights, both metric implementations agree, and
+the helpers count what they claim.
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+_BENCH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "benchmarks",
+    "bench.py",
+)
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("ultraad_bench", _BENCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_time_interleaved_runs_each_contender_as_asked(bench):
+  calls = {"a": 0, "b": 0}
+
+  def make(name):
+    def fn():
+      calls[name] += 1
+
+    return fn
+
+  out = bench.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3,
+                               warmup=2)  # fmt: skip
+  assert calls == {"a": 5, "b": 5}
+  for stats in out.values():
+    assert stats["repeats"] == 3
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    assert stats["spread"] >= 0
+
+
+def test_summarize_median_and_spread(bench):
+  stats = bench.summarize([3.0, 1.0, 2.0])
+  assert stats["median_s"] == 2.0
+  assert stats["spread"] == pytest.approx(1.0)
+
+
+def test_fma_loop_computes_the_counted_chains(bench):
+  # The loop's value must equal the same multiply-adds done in float32 by
+  # numpy, so the FLOP count it reports is work that actually happens.
+  fn, flops = bench._fma_loop(rows=2, chains=3, unroll=4, iters=5)
+  assert flops == 2 * 2 * 16 * 3 * 4 * 5
+  x0 = np.linspace(0, 1, 32, dtype=np.float32).reshape(2, 16)
+  x = x0.copy()
+  a, b = np.float32(0.99999), np.float32(1e-5)
+  for _ in range(5):
+    ys = [x + np.float32(k) for k in range(3)]
+    for _ in range(4):
+      ys = [y * a + b for y in ys]
+    x = sum(ys[1:], ys[0]) * np.float32(1 / 3) - np.float32(1.0)
+  # FMA contraction rounds once per step where numpy rounds twice.
+  np.testing.assert_allclose(np.asarray(fn(x0)), x, rtol=1e-4, atol=1e-5)
+
+
+def test_theoretical_peak_formula(bench):
+  info = {"cores": 2, "cpu_mhz": 2500.0, "avx512f": True, "vendor": "Intel",
+          "cpu_family": 6}  # fmt: skip
+  peak = bench.theoretical_peak(info)
+  assert peak["formula_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 2.5)
+  assert peak["microarch_gflops"] == peak["formula_gflops"]
+  zen4 = bench.theoretical_peak({**info, "vendor": "AMD", "cpu_family": 25})
+  assert zen4["microarch_gflops"] == pytest.approx(peak["formula_gflops"] / 2)
+
+
+def test_targets_only_apply_where_they_were_set(bench):
+  results = {
+      "machine": {"jax_backend": "cpu"},
+      "settings": {"torch_compile": True},
+      "backbone": {"model": "tiny", "speedup": 9.0, "mfu": 0.1},
+      "metrics": {"time_ratio": 3.0, "memory_ratio": 0.5},
+  }
+  rows = {r["target"].split(":")[1].split()[0]: r["met"]
+          for r in bench.check_targets(results)}  # fmt: skip
+  assert rows == {"metrics.time_ratio": False, "metrics.memory_ratio": True}
+  results["backbone"]["model"] = "ViT-B/16"
+  rows = {r["target"].split(":")[1].split()[0]: r["met"]
+          for r in bench.check_targets(results)}  # fmt: skip
+  assert rows["backbone.speedup"] and not rows["backbone.mfu"]
+
+
+def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
+  path = tmp_path / "bench.json"
+  results = bench.main([
+      "--accelerator", "--bf16", "--sections", "backbone,sweep,metrics",
+      "--backbone_models", "tiny", "--backbone_batch", "2", "--repeats", "1",
+      "--warmup", "1", "--sweep_model", "tiny", "--sweep_episodes", "2",
+      "--sweep_steps", "2", "--sweep_shots", "1", "--sweep_pool", "6",
+      "--torch_max_episodes", "1", "--metrics_maps", "3", "--metrics_size",
+      "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
+      "100", "--json", str(path),
+  ])  # fmt: skip
+  on_disk = json.loads(path.read_text())
+  assert on_disk["mode"] == "accelerator"
+
+  bb = results["backbone"]
+  for key in ("jax_ms_per_image", "torch_ms_per_image", "speedup", "mfu",
+              "jax_ms_per_image_bf16", "torch_ms_per_image_bf16"):
+    assert math.isfinite(bb[key]) and bb[key] > 0, key
+  assert bb["mfu"] == pytest.approx(bb["jax_gflops"] / 100)
+  # Same weights, same work: the PyTorch twin reproduces JAX's features.
+  assert bb["max_abs_diff_torch_vs_jax"] < 1e-4
+  # XLA's FLOP count agrees with the hand count of the matmuls.
+  assert bb["jax_flops_per_image"] == pytest.approx(
+      bb["analytic_flops_per_image"], rel=0.1)
+
+  row = results["sweep"]["2"]
+  for key in ("jax_s", "torch_s", "speedup", "jax_s_per_episode"):
+    assert math.isfinite(row[key]) and row[key] > 0, key
+  assert row["torch_extrapolated"] and row["torch_episodes_run"] == 1
+  assert math.isfinite(row["final_loss"])
+  assert math.isfinite(row["torch_final_loss"])
+
+  mt = results["metrics"]
+  for key in ("ours_s", "sklearn_s", "ours_peak_mb", "sklearn_peak_mb"):
+    assert mt[key] >= 0, key
+  assert mt["max_abs_diff"] < 1e-9
