@@ -59,6 +59,9 @@ for _path in (_REPO, _HERE):
 # with ULTRAAD_BENCH_XLA=default keeps XLA's defaults (for the comparison);
 # =vector512 adds 512-bit vectorisation for the FMA-peak loop.
 _XLA_MODE = os.environ.get("ULTRAAD_BENCH_XLA", "project")
+# On a GPU, JAX would otherwise reserve most of the memory at start and leave
+# none for the PyTorch side sharing the device. No effect on CPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if _XLA_MODE == "project":
   from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
 
@@ -270,9 +273,7 @@ def theoretical_peak(info):
   note = "2 FMA units x 16 lanes (AVX-512)"
   if info.get("vendor") == "AMD" and (info.get("cpu_family") or 0) <= 0x19:
     lanes = 8
-    note = (
-        "AMD family 0x19 (Zen 3/4): 256-bit FMA units, AVX-512 double-pumped"
-    )
+    note = "AMD family 0x19 (Zen 3/4): 256-bit FMA units, AVX-512 double-pumped"
   elif not info.get("avx512f"):
     note = "no AVX-512: 2 FMA units x 8 lanes (AVX2)"
   return {
@@ -492,7 +493,7 @@ def torch_clip(backbone, device="cpu"):
   """
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from transformers import modeling_flax_pytorch_utils  # pylint: disable=g-import-not-at-top
+  from transformers import modeling_flax_pytorch_utils as pt_utils
 
   transformers.logging.set_verbosity_error()
 
@@ -503,9 +504,7 @@ def torch_clip(backbone, device="cpu"):
   with warnings.catch_warnings():
     # transformers hands torch read-only views of the (copied) arrays.
     warnings.filterwarnings("ignore", message=".*not writable.*")
-    pt = modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model(
-        pt, params
-    )
+    pt = pt_utils.load_flax_weights_in_pytorch_model(pt, params)
   return pt.eval().to(device)
 
 
@@ -554,7 +553,7 @@ def compile_torch(module):
     The compiled module (compiles on its first call).
   """
   import torch  # pylint: disable=g-import-not-at-top
-  import torch._inductor.config as inductor_config  # pylint: disable=g-import-not-at-top
+  from torch._inductor import config as inductor_config  # pylint: disable=all
 
   inductor_config.freezing = True
   return torch.compile(module, dynamic=False)
@@ -1036,9 +1035,15 @@ def bench_sweep(
   peer = None
   if with_torch:
     start = time.perf_counter()
-    peer = TorchPeer(backbone, layers, images, masks, device=torch_device,
-                     compile_backbone=torch_compile,
-                     compile_head=compile_head and torch_compile)
+    peer = TorchPeer(
+        backbone,
+        layers,
+        images,
+        masks,
+        device=torch_device,
+        compile_backbone=torch_compile,
+        compile_head=compile_head and torch_compile,
+    )
     # Warm-up: compiles the backbone (and head) for the support shape.
     peer.episode(draw_supports(labels, 1, shots, seed + 7)[0], 2)
     out["torch_warmup_s"] = time.perf_counter() - start
@@ -1173,18 +1178,47 @@ def _hlo_tables(text):
       out.append(locs.get(loc, ("?", "?", 0)))
     return out
 
-  inst = re.compile(
-      r"^\s*(?:ROOT )?%?([\w.-]+) = .*?metadata=\{op_name=\"([^\"]*)\""
-      r"(?: stack_frame_id=(\d+))?", re.M)  # fmt: skip
-  return {m.group(1): (m.group(2), chain(int(m.group(3) or 0)))
-          for m in inst.finditer(text)}  # fmt: skip
+  inst = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*)$")
+  comp = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
+  meta = re.compile(
+      r"metadata=\{op_name=\"([^\"]*)\"(?: stack_frame_id=(\d+))?"
+  )
+  calls = re.compile(r"calls=%?([\w.-]+)")
+  found, callee, first_in = {}, {}, {}
+  current = None
+  for line in text.splitlines():
+    m = inst.match(line)
+    if m is None:
+      c = comp.match(line)
+      current = c.group(1) if c else current
+      continue
+    md = meta.search(m.group(2))
+    if md:
+      found[m.group(1)] = (md.group(1), int(md.group(2) or 0))
+      first_in.setdefault(current, found[m.group(1)])
+    else:
+      cm = calls.search(m.group(2))
+      ops = re.findall(r"\(%([\w.-]+)", m.group(2))
+      callee[m.group(1)] = (cm.group(1) if cm else None, ops)
+  # Wrapped kernels carry no metadata themselves: use their body's, else
+  # their first operand's.
+  for name, (body, ops) in callee.items():
+    if body in first_in:
+      found[name] = first_in[body]
+    else:
+      for op in ops:
+        if op in found:
+          found[name] = found[op]
+          break
+      else:
+        found[name] = ("", 0)
+  return {name: (op, chain(fid)) for name, (op, fid) in found.items()}
 
 
 def _project_frame(frames):
   """The innermost frame in the project's package (else the innermost)."""
   for file, func, line in frames:
-    if "ultraad_jax" in file.replace(os.sep, "/").split("/") and not (
-        file.endswith("train.py")):
+    if "ultraad_jax" in file.replace(os.sep, "/").split("/"):
       return f"{os.path.basename(file)}:{func}:{line}"
   if frames:
     file, func, line = frames[0]
@@ -1207,7 +1241,7 @@ def trace_summary(workdir, top=20):
     top: rows of each table.
 
   Returns:
-    {"steps", "total_ms_per_step", "kernels": [...], "by_source": [...]}
+    {"steps", "total_ms_per_step", "kernels", "by_function", "by_source"}
     with thread milliseconds per step (kernels split over threads count
     once per thread).
 
@@ -1218,21 +1252,36 @@ def trace_summary(workdir, top=20):
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
 
-  traces = sorted(glob.glob(os.path.join(
-      workdir, "profile", "plugins", "profile", "*", "*.trace.json.gz")))
+  traces = sorted(
+      glob.glob(
+          os.path.join(
+              workdir, "profile", "plugins", "profile", "*", "*.trace.json.gz"
+          )
+      )
+  )
   if not traces:
     raise FileNotFoundError(
         f"No *.trace.json.gz under {workdir}/profile: run with "
         "--config.profile_steps=N (N >= 1) and enough train.steps (the trace "
-        "starts after 2 warm-up steps).")
+        "starts after 2 warm-up steps)."
+    )
   hlo = os.path.join(workdir, "hlo", "train_step.txt")
   if not os.path.isfile(hlo):
-    dumps = sorted(glob.glob(os.path.join(
-        workdir, "hlo", "xla_dump", "*train_step.cpu_after_optimizations.txt")))
+    dumps = sorted(
+        glob.glob(
+            os.path.join(
+                workdir,
+                "hlo",
+                "xla_dump",
+                "*train_step.cpu_after_optimizations.txt",
+            )
+        )
+    )
     if not dumps:
       raise FileNotFoundError(
           f"Neither {hlo} nor an XLA dump of the train step exists: run with "
-          "--config.dump_hlo=True.")
+          "--config.dump_hlo=True."
+      )
     hlo = dumps[-1]
   with open(hlo, encoding="utf-8") as f:
     sources = _hlo_tables(f.read())
@@ -1250,11 +1299,13 @@ def trace_summary(workdir, top=20):
   steps = max(steps, 1)
   total = sum(kernel_ms.values()) / steps
   by_source = collections.Counter()
+  by_function = collections.Counter()
   kernels = []
   for name, ms in kernel_ms.most_common():
     op_name, frames = sources[name]
     src = _project_frame(frames)
     by_source[src] += ms / steps
+    by_function[src.rsplit(":", 1)[0]] += ms / steps
     kernels.append({"kernel": name, "ms_per_step": ms / steps,
                     "share": ms / steps / total if total else 0.0,
                     "source": src, "op_name": op_name})  # fmt: skip
@@ -1264,6 +1315,9 @@ def trace_summary(workdir, top=20):
       "steps": steps,
       "total_ms_per_step": total,
       "kernels": kernels[:top],
+      "by_function": [{"function": k, "ms_per_step": v,
+                       "share": v / total if total else 0.0}
+                      for k, v in by_function.most_common(top)],
       "by_source": [{"source": k, "ms_per_step": v,
                      "share": v / total if total else 0.0}
                     for k, v in by_source.most_common(top)],
@@ -1271,21 +1325,34 @@ def trace_summary(workdir, top=20):
 
 
 def _print_trace_summary(summary):
-  print(f"{summary['steps']} profiled step(s), {summary['total_ms_per_step']:.1f}"
-        " thread-ms of XLA kernels per step")
+  print(
+      f"{summary['steps']} profiled step(s), {summary['total_ms_per_step']:.1f}"
+      " thread-ms of XLA kernels per step"
+  )
   print(f"trace: {summary['trace']}\nhlo:   {summary['hlo']}")
-  print("\nby source line (innermost project frame):")
+  print("\nby function (innermost project frame):")
+  for row in summary["by_function"]:
+    print(
+        f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%}  "
+        f"{row['function']}"
+    )
+  print("\nby source line:")
   for row in summary["by_source"]:
-    print(f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%}  {row['source']}")
+    print(
+        f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%}  {row['source']}"
+    )
   print("\nby kernel:")
   for row in summary["kernels"]:
-    print(f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%}  "
-          f"{row['kernel']:<40} {row['source']}")
+    print(
+        f"  {row['ms_per_step']:8.2f} ms {row['share']:6.1%}  "
+        f"{row['kernel']:<40} {row['source']}"
+    )
 
 
 # ----------------------------------------------------------------------------
 # Targets and the command line.
 # ----------------------------------------------------------------------------
+
 
 # Issue 6's targets: (JSON path, comparison, threshold, description, the
 # condition under which the target applies: they were set for the 2-core CPU
@@ -1340,10 +1407,19 @@ def check_targets(results):
       continue
     if not applies(results):
       continue
-    met = value >= threshold if op == ">=" else (
-        value <= threshold if op == "<=" else value < threshold)
-    rows.append({"target": f"{what}: {path} {op} {threshold}",
-                 "value": value, "threshold": threshold, "met": bool(met)})
+    met = (
+        value >= threshold
+        if op == ">="
+        else (value <= threshold if op == "<=" else value < threshold)
+    )
+    rows.append(
+        {
+            "target": f"{what}: {path} {op} {threshold}",
+            "value": value,
+            "threshold": threshold,
+            "met": bool(met),
+        }
+    )
   return rows  # fmt: skip
 
 
@@ -1361,25 +1437,48 @@ def parse_args(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   mode = p.add_mutually_exclusive_group()
-  mode.add_argument("--quick", action="store_true",
-                    help="small settings: <= 5 minutes on 2 CPU cores")
-  mode.add_argument("--accelerator", action="store_true",
-                    help="GPU/TPU settings: ViT-L/14@336, 256 episodes")
+  mode.add_argument(
+      "--quick",
+      action="store_true",
+      help="small settings: <= 5 minutes on 2 CPU cores",
+  )
+  mode.add_argument(
+      "--accelerator",
+      action="store_true",
+      help="GPU/TPU settings: ViT-L/14@336, 256 episodes",
+  )
   p.add_argument("--json", help="write the results here")
-  p.add_argument("--sections", type=_csv(str),
-                 default=("peak", "backbone", "sweep", "metrics"),
-                 help="comma list of peak, backbone, sweep, metrics")
-  p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                 default=None, help="also time the bf16 paths")
-  p.add_argument("--torch", action=argparse.BooleanOptionalAction,
-                 default=True, help="time the PyTorch side")
-  p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction,
-                 default=True,
-                 help="torch.compile the PyTorch side (--no-torch_compile "
-                 "only for smoke tests: stock eager is not the fair peer)")
-  p.add_argument("--default_flags", action=argparse.BooleanOptionalAction,
-                 default=None,
-                 help="time JAX with XLA's default flags in a child process")
+  p.add_argument(
+      "--sections",
+      type=_csv(str),
+      default=("peak", "backbone", "sweep", "metrics"),
+      help="comma list of peak, backbone, sweep, metrics",
+  )
+  p.add_argument(
+      "--bf16",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="also time the bf16 paths",
+  )
+  p.add_argument(
+      "--torch",
+      action=argparse.BooleanOptionalAction,
+      default=True,
+      help="time the PyTorch side",
+  )
+  p.add_argument(
+      "--torch_compile",
+      action=argparse.BooleanOptionalAction,
+      default=True,
+      help="torch.compile the PyTorch side (--no-torch_compile "
+      "only for smoke tests: stock eager is not the fair peer)",
+  )
+  p.add_argument(
+      "--default_flags",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="time JAX with XLA's default flags in a child process",
+  )
   p.add_argument("--backbone_models", type=_csv(str))
   p.add_argument("--backbone_batch", type=int)
   p.add_argument("--repeats", type=int)
@@ -1390,17 +1489,26 @@ def parse_args(argv=None):
   p.add_argument("--sweep_shots", type=int)
   p.add_argument("--sweep_pool", type=int)
   p.add_argument("--torch_max_episodes", type=int)
-  p.add_argument("--torch_head_compile", action=argparse.BooleanOptionalAction,
-                 default=True,
-                 help="torch.compile the peer head's loss (forward+backward)")
+  p.add_argument(
+      "--torch_head_compile",
+      action=argparse.BooleanOptionalAction,
+      default=True,
+      help="torch.compile the peer head's loss (forward+backward)",
+  )
   p.add_argument("--metrics_maps", type=int)
   p.add_argument("--metrics_size", type=int)
   p.add_argument("--metrics_repeats", type=int)
-  p.add_argument("--peak_gflops", type=float,
-                 help="the f32 peak for the MFU (default: measured on CPU)")
-  p.add_argument("--trace_summary", metavar="WORKDIR",
-                 help="only summarise the profile of a run (profile_steps, "
-                 "dump_hlo) by kernel and source line, then exit")
+  p.add_argument(
+      "--peak_gflops",
+      type=float,
+      help="the f32 peak for the MFU (default: measured on CPU)",
+  )
+  p.add_argument(
+      "--trace_summary",
+      metavar="WORKDIR",
+      help="only summarise the profile of a run (profile_steps, "
+      "dump_hlo) by kernel and source line, then exit",
+  )
   p.add_argument("--_child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.mode = "quick" if args.quick else (
@@ -1416,38 +1524,52 @@ def _print_summary(results):
   print("\n== Summary ==")
   if "jax_ms_per_image" in bb:
     line = f"backbone {bb['model']} batch {bb['batch']}: JAX f32 " + (
-        f"{bb['jax_ms_per_image']:.1f} ms/image")
+        f"{bb['jax_ms_per_image']:.1f} ms/image"
+    )
     if "torch_ms_per_image" in bb:
-      line += (f", PyTorch f32 {bb['torch_ms_per_image']:.1f} ms/image, "
-               f"speedup x{bb['speedup']:.2f}")
+      line += (
+          f", PyTorch f32 {bb['torch_ms_per_image']:.1f} ms/image, "
+          f"speedup x{bb['speedup']:.2f}"
+      )
     print(line)
     if "jax_ms_per_image_bf16" in bb:
       line = f"  bf16: JAX {bb['jax_ms_per_image_bf16']:.1f} ms/image"
       if "torch_ms_per_image_bf16" in bb:
-        line += (f", PyTorch {bb['torch_ms_per_image_bf16']:.1f}, speedup "
-                 f"x{bb['speedup_bf16']:.2f}")
+        line += (
+            f", PyTorch {bb['torch_ms_per_image_bf16']:.1f}, speedup "
+            f"x{bb['speedup_bf16']:.2f}"
+        )
       print(line)
     if "mfu" in bb:
-      print(f"  JAX {bb['jax_gflops']:.0f} GFLOP/s = MFU {bb['mfu']:.1%} of "
-            f"{results['peak']['peak_gflops']:.0f} GFLOP/s")
+      print(
+          f"  JAX {bb['jax_gflops']:.0f} GFLOP/s = MFU {bb['mfu']:.1%} of "
+          f"{results['peak']['peak_gflops']:.0f} GFLOP/s"
+      )
     if "default_xla_flags" in bb and "jax_ms_per_image" in (
-        bb["default_xla_flags"]):
-      print(f"  XLA default flags: "
-            f"{bb['default_xla_flags']['jax_ms_per_image']:.1f} ms/image")
+        bb["default_xla_flags"]
+    ):
+      print(
+          f"  XLA default flags: "
+          f"{bb['default_xla_flags']['jax_ms_per_image']:.1f} ms/image"
+      )
   sweep = results.get("sweep", {})
   for key, row in sweep.items():
     if isinstance(row, dict) and "jax_s" in row:
       line = f"sweep E={key}: JAX {row['jax_s']:.2f} s"
       if "torch_s" in row:
-        line += (f", peer {row['torch_s']:.2f} s"
-                 f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
-                 f", speedup x{row['speedup']:.1f}")
+        line += (
+            f", peer {row['torch_s']:.2f} s"
+            f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
+            f", speedup x{row['speedup']:.1f}"
+        )
       print(line)
   mt = results.get("metrics", {})
   if "ours_s" in mt:
-    print(f"pixel AUROC over {mt['pixels']:,} pixels: ours {mt['ours_s']:.2f} "
-          f"s / {mt['ours_peak_mb']:.0f} MiB, scikit-learn "
-          f"{mt['sklearn_s']:.2f} s / {mt['sklearn_peak_mb']:.0f} MiB")
+    print(
+        f"pixel AUROC over {mt['pixels']:,} pixels: ours {mt['ours_s']:.2f} "
+        f"s / {mt['ours_peak_mb']:.0f} MiB, scikit-learn "
+        f"{mt['sklearn_s']:.2f} s / {mt['sklearn_peak_mb']:.0f} MiB"
+    )
   for note in results.get("notes", []):
     print("NOTE:", note)
   for row in results.get("targets", []):
@@ -1456,14 +1578,15 @@ def _print_summary(results):
 
 
 def _child_main(args):
-  if args._child == "peak":  # pylint: disable=protected-access
+  kind = args._child  # pylint: disable=protected-access
+  if kind == "peak":
     out = fma_peak()
-  elif args._child == "backbone_jax":  # pylint: disable=protected-access
+  elif kind == "backbone_jax":
     out = bench_backbone(args.backbone_models[0], batch=args.backbone_batch,
                          repeats=args.repeats, warmup=args.warmup,
                          bf16=False, with_torch=False)  # fmt: skip
   else:
-    raise ValueError(f"unknown child {args._child!r}")  # pylint: disable=protected-access
+    raise ValueError(f"unknown child {kind!r}")
   out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
   print(json.dumps(out), flush=True)
 
@@ -1489,8 +1612,12 @@ def main(argv=None):
     )
   t_start = time.time()
   info = machine_info()
-  results = {"mode": args.mode, "machine": info, "notes": [],
-             "settings": {k: getattr(args, k) for k in MODES[args.mode]}}
+  results = {
+      "mode": args.mode,
+      "machine": info,
+      "notes": [],
+      "settings": {k: getattr(args, k) for k in MODES[args.mode]},
+  }
   results["settings"]["torch_compile"] = args.torch_compile
   results["settings"]["torch_head_compile"] = args.torch_head_compile
   on_cpu = info["jax_backend"] == "cpu"
@@ -1503,7 +1630,8 @@ def main(argv=None):
         torch_device = "cuda"
       elif not on_cpu:
         results["notes"].append(
-            "PyTorch has no CUDA device here: its side runs on the CPU.")
+            "PyTorch has no CUDA device here: its side runs on the CPU."
+        )
     except ImportError:
       args.torch = False
       results["notes"].append("PyTorch is not installed: JAX side only.")
@@ -1516,7 +1644,8 @@ def main(argv=None):
         "AMD CPU: stock PyTorch f32 matmuls go through Intel MKL, which takes "
         "a generic code path on AMD processors (about a third of the peak). "
         "The ratio to PyTorch f32 is therefore flattering; the share of the "
-        "FMA peak (MFU) is the honest figure.")
+        "FMA peak (MFU) is the honest figure."
+    )
 
   # ---- Peak ----------------------------------------------------------------
   peak = {}
@@ -1524,8 +1653,10 @@ def main(argv=None):
     peak["peak_gflops"] = args.peak_gflops
     peak["source"] = "--peak_gflops"
   if "peak" in args.sections and on_cpu and args.peak:
-    print("peak: FMA loop (child, 512-bit vectors) and a 4096^3 matmul...",
-          flush=True)
+    print(
+        "peak: FMA loop (child, 512-bit vectors) and a 4096^3 matmul...",
+        flush=True,
+    )
     child = run_child("peak", [], "vector512")
     peak.update({k: v for k, v in child.items() if k != "xla_flags"})
     peak["matmul_gflops"] = matmul_rate(4096 if args.mode != "quick" else 2048)
@@ -1535,17 +1666,21 @@ def main(argv=None):
       peak["peak_gflops"] = max(measured)
       peak["source"] = (
           "max(measured FMA loop, measured matmul): a measured lower bound "
-          "on the true peak")
+          "on the true peak"
+      )
     results["peak"] = peak
-    print(f"  FMA loop {peak.get('fma_loop_gflops', float('nan')):.0f}, "
-          f"matmul {peak['matmul_gflops']:.0f}, formula "
-          f"{peak['theoretical']['formula_gflops']:.0f} / microarch "
-          f"{peak['theoretical']['microarch_gflops']:.0f} GFLOP/s at "
-          f"{peak['theoretical']['clock_ghz']:.2f} GHz", flush=True)
+    print(
+        f"  FMA loop {peak.get('fma_loop_gflops', float('nan')):.0f}, "
+        f"matmul {peak['matmul_gflops']:.0f}, formula "
+        f"{peak['theoretical']['formula_gflops']:.0f} / microarch "
+        f"{peak['theoretical']['microarch_gflops']:.0f} GFLOP/s at "
+        f"{peak['theoretical']['clock_ghz']:.2f} GHz",
+        flush=True,
+    )
   elif peak:
     results["peak"] = peak
 
-  # ---- Backbone --------------------------------------------------------------
+  # ---- Backbone ------------------------------------------------------------
   if "backbone" in args.sections:
     per_model = {}
     for i, name in enumerate(args.backbone_models):
@@ -1553,7 +1688,10 @@ def main(argv=None):
       per_model[name] = bench_backbone(
           name, batch=args.backbone_batch if i == 0 else max(
               args.backbone_batch, 32),
-          repeats=args.repeats, warmup=args.warmup, bf16=args.bf16,
+          repeats=args.repeats, warmup=args.warmup,
+          # bf16 at the first (full-size) model only in quick mode: each
+          # bf16 path costs another PyTorch compilation.
+          bf16=args.bf16 and (i == 0 or args.mode != "quick"),
           with_torch=args.torch, torch_device=torch_device,
           torch_compile=args.torch_compile,
           peak_gflops=peak.get("peak_gflops"))  # fmt: skip
@@ -1572,23 +1710,32 @@ def main(argv=None):
       backbone["default_xla_flags"] = {k: child[k] for k in keep if k in child}
       if "jax_ms_per_image" in child:
         backbone["project_flags_speedup"] = (
-            child["jax_ms_per_image"] / primary["jax_ms_per_image"])
+            child["jax_ms_per_image"] / primary["jax_ms_per_image"]
+        )
     results["backbone"] = backbone
 
-  # ---- Sweep -------------------------------------------------------------------
+  # ---- Sweep ---------------------------------------------------------------
   if "sweep" in args.sections:
     print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
     results["sweep"] = bench_sweep(
-        model_name=args.sweep_model, episodes=args.sweep_episodes,
-        steps=args.sweep_steps, shots=args.sweep_shots, pool=args.sweep_pool,
+        model_name=args.sweep_model,
+        episodes=args.sweep_episodes,
+        steps=args.sweep_steps,
+        shots=args.sweep_shots,
+        pool=args.sweep_pool,
         torch_max_episodes=args.torch_max_episodes,
-        torch_device=torch_device, torch_compile=args.torch_compile,
-        compile_head=args.torch_head_compile, with_torch=args.torch)
+        torch_device=torch_device,
+        torch_compile=args.torch_compile,
+        compile_head=args.torch_head_compile,
+        with_torch=args.torch,
+    )
 
-  # ---- Metrics -------------------------------------------------------------------
+  # ---- Metrics -------------------------------------------------------------
   if "metrics" in args.sections:
-    print(f"metrics: {args.metrics_maps} maps of {args.metrics_size}^2...",
-          flush=True)
+    print(
+        f"metrics: {args.metrics_maps} maps of {args.metrics_size}^2...",
+        flush=True,
+    )
     results["metrics"] = bench_metrics(args.metrics_maps, args.metrics_size,
                                        args.metrics_repeats)  # fmt: skip
 

@@ -1,240 +1,42 @@
-"""Tests of ultraad_jax.data: episodes, shot lists, small fields, dedupe."""
+"""Tests of ultraad_jax.data and builder_base: sources, registry, dedupe."""
 
 import io
-import json
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from ultraad_jax import builder_base
 from ultraad_jax import data
+from ultraad_jax import episodes as episodes_lib
 from ultraad_jax import phantom
 
-# 12 normal, 9 benign, 6 malignant, in a shuffled order.
-LABELS = np.random.default_rng(0).permutation(
-    np.repeat(np.arange(3), [12, 9, 6])
-)
-# Patients of 1-3 images each; a few images without a patient id.
-PATIENTS = [f"P{i // 2}" if i % 7 else "" for i in range(len(LABELS))]
 
-
-def _support_classes(episode, labels):
-  return np.bincount(labels[episode.support], minlength=3)
-
-
-@pytest.mark.parametrize(
-    "setting, shots, expected",
-    [
-        ("per_class", 1, [1, 1, 1]),
-        ("per_class", 4, [4, 4, 4]),
-        ("normal_only", 2, [2, 0, 0]),
-        ("normal_only", 8, [8, 0, 0]),
-    ],
-)
-def test_episode_class_counts_and_disjointness(setting, shots, expected):
-  episodes = data.sample_episodes(
-      LABELS, shots=shots, setting=setting, num_episodes=6, seed=1
-  )
-  assert len(episodes) == 6
-  for episode in episodes:
-    np.testing.assert_array_equal(_support_classes(episode, LABELS), expected)
-    # Without replacement, disjoint, and the query is everything else.
-    assert len(set(episode.support.tolist())) == len(episode.support)
-    assert not set(episode.support) & set(episode.query)
-    assert sorted(set(episode.support) | set(episode.query)) == list(
-        range(len(LABELS))
-    )
-    assert episode.support.dtype == np.int64
-    assert np.all(np.diff(episode.query) > 0)
-
-
-def test_episodes_are_deterministic_and_seeded():
-  kwargs = dict(shots=2, setting="per_class", num_episodes=5)
-  first = data.sample_episodes(LABELS, seed=7, **kwargs)
-  again = data.sample_episodes(LABELS, seed=7, **kwargs)
-  other = data.sample_episodes(LABELS, seed=8, **kwargs)
-  assert first == again
-  assert first != other
-
-
-def test_episode_i_does_not_depend_on_num_episodes():
-  kwargs = dict(shots=3, setting="per_class", seed=3)
-  short = data.sample_episodes(LABELS, num_episodes=2, **kwargs)
-  long = data.sample_episodes(LABELS, num_episodes=9, **kwargs)
-  assert short == long[:2]
-
-
-def test_episodes_of_one_draw_differ_even_when_collisions_are_likely():
-  # 3 images per class, 2 shots: 3**3 = 27 distinct supports in all.
-  labels = np.repeat(np.arange(3), 3)
-  episodes = data.sample_episodes(
-      labels, shots=2, setting="per_class", num_episodes=27, seed=0
-  )
-  supports = {e.support.tobytes() for e in episodes}
-  assert len(supports) == 27
-  with pytest.raises(ValueError, match="only 27 distinct"):
-    data.sample_episodes(
-        labels, shots=2, setting="per_class", num_episodes=28, seed=0
-    )
-
-
-def test_patient_disjoint_query():
-  episodes = data.sample_episodes(
-      LABELS,
-      shots=2,
-      setting="per_class",
-      num_episodes=10,
-      seed=0,
-      patient_ids=PATIENTS,
-  )
-  patients = np.array(PATIENTS)
-  for episode in episodes:
-    support_patients = set(patients[episode.support]) - {""}
-    query_patients = set(patients[episode.query])
-    assert not support_patients & query_patients
-    assert not set(episode.support) & set(episode.query)
-    # Images without a patient id only exclude themselves.
-    for i in range(len(LABELS)):
-      if i not in episode.support and patients[i] not in support_patients:
-        assert i in episode.query
-  # Some support patient has a second image, which the plain query would keep.
-  plain = data.sample_episodes(
-      LABELS, shots=2, setting="per_class", num_episodes=10, seed=0
-  )
-  assert [e.support.tolist() for e in plain] == [
-      e.support.tolist() for e in episodes
-  ]
-  assert any(len(p.query) > len(e.query) for p, e in zip(plain, episodes))
-
-
-def test_empty_patient_ids_mean_unknown():
-  with_empty = data.sample_episodes(
-      LABELS,
-      shots=1,
-      setting="per_class",
-      num_episodes=3,
-      seed=0,
-      patient_ids=[""] * len(LABELS),
-  )
-  without = data.sample_episodes(
-      LABELS, shots=1, setting="per_class", num_episodes=3, seed=0
-  )
-  assert with_empty == without
-
-
-@pytest.mark.parametrize(
-    "labels, setting, shots, words",
-    [
-        (LABELS, "per_class", 7, ["7", "malignant", "only 6"]),
-        (LABELS, "per_class", 10, ["10", "benign", "only 9"]),
-        (LABELS, "normal_only", 13, ["13", "normal", "only 12"]),
-        (np.array([1, 1, 2, 2]), "normal_only", 1, ["1", "normal", "only 0"]),
-        (np.array([0, 0, 1, 1]), "per_class", 1, ["malignant", "only 0"]),
-    ],
-    ids=["malignant", "benign", "normal", "no_normal", "no_malignant"],
-)
-def test_too_few_images_error(labels, setting, shots, words):
-  with pytest.raises(ValueError) as info:
-    data.sample_episodes(
-        labels, shots=shots, setting=setting, num_episodes=1, seed=0
-    )
-  for word in words:
-    assert word in str(info.value)
-
-
-@pytest.mark.parametrize(
-    "kwargs, words",
-    [
-        (dict(setting="one_class"), "one_class"),
-        (dict(shots=0), "shots=0"),
-        (dict(num_episodes=0), "num_episodes=0"),
-        (dict(patient_ids=["a"]), "patient_ids has 1"),
-    ],
-)
-def test_bad_episode_arguments(kwargs, words):
-  args = dict(shots=1, setting="per_class", num_episodes=1, seed=0)
-  args.update(kwargs)
-  with pytest.raises(ValueError, match=words):
-    data.sample_episodes(LABELS, **args)
-
-
-def test_bad_labels():
-  with pytest.raises(ValueError, match=r"found \[3\]"):
-    data.sample_episodes(
-        np.array([0, 1, 2, 3]),
-        shots=1,
-        setting="per_class",
-        num_episodes=1,
-        seed=0,
-    )
-
-
-def test_empty_query_error():
-  with pytest.raises(ValueError, match="empty query"):
-    data.sample_episodes(
-        np.array([0, 1, 2]),
-        shots=1,
-        setting="per_class",
-        num_episodes=1,
-        seed=0,
-    )
-
-
-def test_shot_files_round_trip(tmp_path):
-  image_ids = [f"img{i:03d}" for i in range(len(LABELS))]
-  episodes = data.sample_episodes(
-      LABELS,
-      shots=2,
-      setting="per_class",
-      num_episodes=4,
-      seed=5,
-      patient_ids=PATIENTS,
-  )
-  path = tmp_path / "shots" / "busi_2shot.json"
-  meta = {"dataset": "busi", "split": "all", "shots": 2, "seed": 5}
-  data.save_shots(path, episodes, image_ids, meta=meta)
-  document = json.loads(path.read_text())
-  assert document["meta"] == meta
-  assert [e["index"] for e in document["episodes"]] == [0, 1, 2, 3]
-  assert document["episodes"][1]["seed"] == 5
-  assert document["episodes"][1]["support_ids"] == [
-      image_ids[i] for i in episodes[1].support
-  ]
-  loaded = data.load_shots(path, image_ids, patient_ids=PATIENTS)
-  assert loaded == episodes
-  # The ids, not the positions, define the episode: reorder the split.
-  order = np.random.default_rng(1).permutation(len(image_ids))
-  shuffled = data.load_shots(path, [image_ids[i] for i in order])
-  for original, moved in zip(episodes, shuffled):
-    assert sorted(order[moved.support]) == sorted(original.support)
-
-
-def test_shot_files_errors(tmp_path):
-  image_ids = [f"img{i:03d}" for i in range(len(LABELS))]
-  episodes = data.sample_episodes(
-      LABELS, shots=1, setting="per_class", num_episodes=2, seed=0
-  )
-  path = tmp_path / "shots.json"
-  data.save_shots(path, episodes, image_ids, meta={"seed": 0})
-  missing = image_ids[int(episodes[0].support[0])]
-  with pytest.raises(KeyError) as info:
-    data.load_shots(path, [i for i in image_ids if i != missing])
-  assert missing in str(info.value)
-  with pytest.raises(ValueError, match="appears twice"):
-    data.load_shots(path, image_ids + image_ids[:1])
-  (tmp_path / "other.json").write_text('{"hello": 1}')
-  with pytest.raises(ValueError, match="not a shot list"):
-    data.load_shots(tmp_path / "other.json", image_ids)
-  with pytest.raises(FileNotFoundError):
-    data.load_shots(tmp_path / "absent.json", image_ids)
-
-
-def test_episode_equality_and_hash():
-  a = data.Episode(support=np.array([1, 2]), query=np.array([0, 3]))
-  b = data.Episode(support=np.array([1, 2]), query=np.array([0, 3]))
-  c = data.Episode(support=np.array([1, 3]), query=np.array([0, 2]))
-  assert a == b and a != c
-  assert len({a, b, c}) == 2
+def test_public_names_are_re_exported():
+  # ultraad_jax.data.sample_episodes(...) and friends are promised API.
+  for name in (
+      "Episode",
+      "query_for",
+      "sample_episodes",
+      "save_shots",
+      "load_shots",
+      "SETTINGS",
+      "SHOTS_FORMAT",
+  ):
+    assert getattr(data, name) is getattr(episodes_lib, name), name
+  for name in (
+      "CLASS_NAMES",
+      "NORMAL",
+      "BENIGN",
+      "MALIGNANT",
+      "FULL_SPLIT",
+      "BAD_INPUTS_REPORT",
+      "DEDUPE_REPORT",
+      "DEDUPE_THRESHOLD",
+      "BadInputError",
+      "ImageMaskBuilder",
+  ):
+    assert getattr(data, name) is getattr(builder_base, name), name
 
 
 def test_array_source_and_small_fields():
@@ -292,24 +94,26 @@ def test_source_indexing(tmp_path):
 def test_perceptual_hash_matches_rescaled_copies():
   image = phantom.generate(1, 64, seed=0)["images"][2]
   other = phantom.generate(1, 64, seed=1)["images"][2]
-  base = data.perceptual_hash(Image.fromarray(image))
-  rescaled = data.perceptual_hash(Image.fromarray(image).resize((90, 80)))
-  cropped = data.perceptual_hash(Image.fromarray(image[1:-1, 2:-1]))
-  different = data.perceptual_hash(Image.fromarray(other))
+  base = builder_base.perceptual_hash(Image.fromarray(image))
+  rescaled = builder_base.perceptual_hash(
+      Image.fromarray(image).resize((90, 80))
+  )
+  cropped = builder_base.perceptual_hash(Image.fromarray(image[1:-1, 2:-1]))
+  different = builder_base.perceptual_hash(Image.fromarray(other))
 
   def distance(a, b):
     return bin(a ^ b).count("1")
 
-  assert distance(base, rescaled) <= data.DEDUPE_THRESHOLD
-  assert distance(base, cropped) <= data.DEDUPE_THRESHOLD
-  assert distance(base, different) > data.DEDUPE_THRESHOLD
+  assert distance(base, rescaled) <= builder_base.DEDUPE_THRESHOLD
+  assert distance(base, cropped) <= builder_base.DEDUPE_THRESHOLD
+  assert distance(base, different) > builder_base.DEDUPE_THRESHOLD
 
 
 def test_find_duplicates_groups_and_conflicts():
   hashes = [0b0, 0b1, 0b11, (1 << 40) - 1, (1 << 40) - 2, 0xFFFF << 44]
   labels = [1, 1, 1, 1, 2, 0]
   ids = ["a", "b", "c", "d", "e", "f"]
-  drop, report = data.find_duplicates(hashes, labels, ids, threshold=2)
+  drop, report = builder_base.find_duplicates(hashes, labels, ids, threshold=2)
   # a-b-c: one group (kept a); d-e: conflicting labels, both dropped.
   assert drop == {1, 2, 3, 4}
   assert report["groups"] == [
@@ -371,18 +175,18 @@ def test_image_modes_become_8bit(tmp_path, mode):
     image = Image.fromarray(grey).convert(mode)
   path = tmp_path / "x.png"
   image.save(path)
-  opened = data.open_png(path)
-  with Image.open(io.BytesIO(data.image_payload(opened))) as out:
+  opened = builder_base.open_png(path)
+  with Image.open(io.BytesIO(builder_base.image_payload(opened))) as out:
     array = np.asarray(out.convert("RGB"))
   assert array.shape == (12, 10, 3)
   expected = (grey > 100) * 255 if mode == "1" else grey
   np.testing.assert_allclose(array[..., 0], expected, atol=1)
-  np.testing.assert_array_equal(data.binary_mask(opened), expected > 0)
+  np.testing.assert_array_equal(builder_base.binary_mask(opened), expected > 0)
 
 
 def test_transparent_mask_pixels_are_background():
   rgba = np.zeros((4, 4, 4), np.uint8)
   rgba[..., :3] = 255
   rgba[:2, :, 3] = 255  # Only the top half is opaque.
-  mask = data.binary_mask(Image.fromarray(rgba, "RGBA"))
+  mask = builder_base.binary_mask(Image.fromarray(rgba, "RGBA"))
   assert mask[:2].all() and not mask[2:].any()

@@ -70,6 +70,13 @@ def estimate_bytes(num_rows, backbone, num_layers, dtype):
   return int(num_rows) * per_row
 
 
+def format_bytes(num_bytes):
+  """A byte count for people: GiB from 1 GiB up, else MiB (2 decimals)."""
+  if num_bytes >= 2**30:
+    return f"{num_bytes / 2**30:.2f} GiB"
+  return f"{num_bytes / 2**20:.2f} MiB"
+
+
 def build(
     backbone,
     params,
@@ -126,11 +133,13 @@ def build(
   )
   if need > budget:
     raise MemoryError(
-        f"The feature cache needs {need / 2**30:.2f} GiB ({num_rows} rows of "
-        f"{len(layers)} layers x {backbone.grid_size**2} patches x "
-        f"{backbone.embed_dim} dims as {dtype}) but cache.memory_budget_gb is "
-        f"{memory_budget_gb}. Raise the budget, set cache.dtype=bfloat16, "
-        "tap fewer layers, use fewer data.num_views, or fewer images."
+        f"The feature cache needs {format_bytes(need)} ({need} bytes: "
+        f"{num_rows} rows of {len(layers)} layers x {backbone.grid_size**2} "
+        f"patches x {backbone.embed_dim} dims as {dtype}, plus masks) but "
+        f"cache.memory_budget_gb is {memory_budget_gb} "
+        f"({format_bytes(budget)}). Nothing was extracted. Raise the budget, "
+        "set cache.dtype=bfloat16, tap fewer layers, use fewer "
+        "data.num_views, or fewer images."
     )
 
   # Row table: view 0 of image i is row i; extra views follow.

@@ -158,27 +158,92 @@ def validate(config):
         f"must be a multiple of the episode mesh axis ({episode_axis} "
         "devices); change it, or set mesh.num_devices / mesh.data",
     )
+  # Sizes and layers against the backbone's own config (no weights loaded).
+  dims = backbone_dims(config)
+  if dims is not None:
+    _check_dims(config, **dims)
 
 
-def validate_against_backbone(config, backbone):
-  """Checks the config against the built backbone (sizes, layers)."""
-  size = config.backbone.image_size or backbone.image_size
-  if size % backbone.patch_size:
+# OpenAI's checkpoints on the Hugging Face hub, by their clip.openai_config
+# names: their sizes are known without downloading anything.
+_OPENAI_HUB_NAMES = {
+    "openai/clip-vit-base-patch32": "ViT-B/32",
+    "openai/clip-vit-base-patch16": "ViT-B/16",
+    "openai/clip-vit-large-patch14": "ViT-L/14",
+    "openai/clip-vit-large-patch14-336": "ViT-L/14@336",
+}
+
+
+def backbone_dims(config):
+  """The backbone's sizes from its config alone (no weights, no compile).
+
+  Args:
+    config: the run's ConfigDict (backbone.name, backbone.image_size).
+
+  Returns:
+    {"image_size", "patch_size", "num_layers"} with image_size the input size
+    the run will use, or None when they cannot be known without loading the
+    checkpoint (an unknown hub name, an unreadable folder: the loader then
+    reports the problem).
+  """
+  from ultraad_jax import clip  # pylint: disable=g-import-not-at-top
+
+  bc = config.backbone
+  name = str(bc.name)
+  vision = None
+  if name == "tiny":
+    overrides = {"image_size": bc.image_size} if bc.image_size else {}
+    vision = clip.tiny_config(**overrides).vision_config
+  elif name.removeprefix("hf://") in _OPENAI_HUB_NAMES and not os.path.isdir(
+      os.path.expanduser(name)
+  ):
+    vision = clip.openai_config(
+        _OPENAI_HUB_NAMES[name.removeprefix("hf://")]
+    ).vision_config
+  else:
+    path = os.path.join(os.path.expanduser(name), "config.json")
+    try:
+      import transformers  # pylint: disable=g-import-not-at-top
+
+      with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+      vision = transformers.CLIPConfig.from_dict(raw).vision_config
+    except Exception:  # pylint: disable=broad-except
+      return None  # clip.load names the problem with the folder
+  return {
+      "image_size": int(bc.image_size or vision.image_size),
+      "patch_size": int(vision.patch_size),
+      "num_layers": int(vision.num_hidden_layers),
+  }
+
+
+def _check_dims(config, *, image_size, patch_size, num_layers):
+  """Input size and tapped layers against the backbone's sizes."""
+  if image_size % patch_size:
     _fail(
         "backbone.image_size",
-        size,
-        f"must be a multiple of the patch size {backbone.patch_size}",
+        image_size,
+        f"must be a multiple of the patch size {patch_size} of backbone "
+        f"{config.backbone.name!r}",
     )
-  bad = [
-      l for l in config.model.layers if not 1 <= int(l) <= backbone.num_layers
-  ]
+  bad = [l for l in config.model.layers if not 1 <= int(l) <= num_layers]
   if bad:
     _fail(
         "model.layers",
         tuple(config.model.layers),
-        f"layers {bad} do not exist; the backbone has blocks 1.."
-        f"{backbone.num_layers}",
+        f"layers {bad} do not exist; backbone {config.backbone.name!r} has "
+        f"blocks 1..{num_layers}",
     )
+
+
+def validate_against_backbone(config, backbone):
+  """Checks the config against the built backbone (sizes, layers)."""
+  _check_dims(
+      config,
+      image_size=config.backbone.image_size or backbone.image_size,
+      patch_size=backbone.patch_size,
+      num_layers=backbone.num_layers,
+  )
 
 
 def validate_against_data(config, labels):

@@ -45,6 +45,19 @@ P = jax.sharding.PartitionSpec
 TRACE_COUNTS = {"train_step": 0, "predict": 0}
 
 
+def to_host(tree):
+  """Fetches a (possibly multi-host sharded) pytree of arrays to numpy.
+
+  On one process this is jax.device_get. On a multi-host mesh, episode-
+  sharded arrays have shards on other hosts; they are gathered first, so that
+  every process sees the whole value.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 class TrainingDiverged(RuntimeError):
   """NaN or Inf in the loss or gradients; the message names step/episodes."""
 
@@ -160,17 +173,18 @@ def make_episodes(config, split, workdir):
         f"{len(episodes)} episodes, but episodes.num_episodes is "
         f"{ec.num_episodes}."
     )
-  data_lib.save_shots(
-      os.path.join(workdir, "shots.json"),
-      episodes,
-      split.image_ids,
-      meta={
-          "dataset": split.name,
-          "setting": ec.setting,
-          "shots": ec.shots,
-          "seed": ec.seed,
-      },
-  )
+  if jax.process_index() == 0:
+    data_lib.save_shots(
+        os.path.join(workdir, "shots.json"),
+        episodes,
+        split.image_ids,
+        meta={
+            "dataset": split.name,
+            "setting": ec.setting,
+            "shots": ec.shots,
+            "seed": ec.seed,
+        },
+    )
   return episodes
 
 
@@ -522,8 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # ---- Config checks (before anything is loaded or compiled) -------------
   run_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    _write(os.path.join(workdir, "config.json"),
+           config.to_json_best_effort(indent=2, sort_keys=True))
 
   # ---- Mesh and backbone ---------------------------------------------------
   mesh = make_mesh(config)
@@ -645,7 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     # Early stopping keeps each episode's best parameters (on its support
     # validation images). A host copy, so that donating `params` to the step
     # never frees the buffers of `best`.
-    state["best"] = jax.device_put(jax.device_get(params), by_episode)
+    state["best"] = jax.device_put(to_host(params), by_episode)
     state["best_val"] = jax.device_put(
         np.full((num_episodes,), np.inf, np.float32), by_episode)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -692,7 +707,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     )
   total = config.train.steps
   start_step = int(state["step"])
-  writer = report.MetricWriter(workdir)
+  writer = (report.MetricWriter(workdir) if jax.process_index() == 0 else
+            _NullWriter())
   stopped_early = False
   if config.mode == "train" and start_step < total:
     lowered = step_fn.lower(
@@ -720,7 +736,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         # The previous step's metrics are checked while this step runs, so
         # the host never stalls the device on an ordinary step.
         if pending is not None:
-          _check_finite(jax.device_get(pending[1]), pending[0], checkpointer)
+          _check_finite(to_host(pending[1]), pending[0], checkpointer)
           pending = None
         done = step + 1
         last = done == total or stop.signum is not None
@@ -728,7 +744,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           state, val_loss = val_fn(
               state, ep_val, frozen, cache_arrays, clip_params, rng
           )
-          val_loss = np.asarray(val_loss)
+          val_loss = to_host(val_loss)
           writer.write(done, {"val_loss": float(np.mean(val_loss))})
           logging.info("step %d  validation loss %.4f (mean over episodes)",
                        done, float(np.mean(val_loss)))
@@ -820,10 +836,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   results["model"] = "UltraAD"
   timing["total_s"] = time.time() - t_start
   results["timing"] = {k: round(v, 3) for k, v in timing.items()}
-  report.write_results(workdir, results)
-  evaluation.write_figures(
-      workdir, test, query_mask[0], examples, per_method,
-      per_class=config.eval.num_overlays)
+  if jax.process_index() == 0:  # one writer on a multi-host pod
+    report.write_results(workdir, results)
+    evaluation.write_figures(
+        workdir, test, query_mask[0], examples, per_method,
+        per_class=config.eval.num_overlays)
   logging.info("Wrote results to %s.", os.path.join(workdir, "results.md"))
   return results
 
@@ -842,7 +859,7 @@ def _log_and_save(
     save,
 ):
   """Host-side work after step `done`: NaN check, log line, checkpoint."""
-  metrics = jax.device_get(metrics)
+  metrics = to_host(metrics)
   _check_finite(metrics, done, checkpointer)
   means = {k: float(np.mean(v)) for k, v in metrics.items()}
   writer.write(done, means)
@@ -859,6 +876,16 @@ def _log_and_save(
   )
   if save:
     checkpointer.save(done, state, {"fingerprint": fingerprint, "step": done})
+
+
+class _NullWriter:
+  """Stands in for report.MetricWriter on processes other than the first."""
+
+  def write(self, step, metrics):
+    del step, metrics
+
+  def close(self):
+    pass
 
 
 def _fmt_eta(seconds):
@@ -928,7 +955,7 @@ def _predict_all(
     idx = np.pad(idx, (0, bs - valid))  # padded rows are dropped below
     g = test_cache.global_embed[idx]
     p = test_cache.patch_tokens[:, idx]
-    out = jax.device_get(
+    out = to_host(
         fn(params, frozen, ep_data, cache_arrays, g, p, clip_params)
     )
     outs.append(jax.tree.map(lambda x: x[:, :valid], out))

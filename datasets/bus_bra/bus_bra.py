@@ -28,14 +28,14 @@ import re
 
 import tensorflow_datasets as tfds
 
-from ultraad_jax import data
+from ultraad_jax import builder_base
 
 CSV_NAME = "bus_data.csv"
 _PATIENT_COLUMNS = ("case", "patient", "patientid", "patient_id", "case_id")
 _ID_NUMBER = re.compile(r"^bus_(\d+)")
 
 
-class BusBra(data.ManualBuilder):
+class BusBra(builder_base.ManualBuilder):
   """BUS-BRA from BUSBRA/{Images,Masks,bus_data.csv}."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -67,7 +67,7 @@ Unzip it so that the manual folder looks like this:
       columns = {c.strip().lower(): c for c in reader.fieldnames or ()}
       missing = [c for c in ("id", "pathology") if c not in columns]
       if missing:
-        raise data.BadInputError(
+        raise builder_base.BadInputError(
             f"{csv_path}: missing column(s) {missing}; found "
             f"{reader.fieldnames}. Expected at least ID and Pathology."
         )
@@ -88,7 +88,7 @@ Unzip it so that the manual folder looks like this:
       pathology = (row[columns["pathology"]] or "").strip().lower()
       if pathology not in ("benign", "malignant"):
         problems.append(
-            data.Problem(
+            builder_base.Problem(
                 f"{csv_path} (line {line}, ID {image_id})",
                 f"Pathology is {pathology!r}; expected benign or malignant",
             )
@@ -96,7 +96,7 @@ Unzip it so that the manual folder looks like this:
         continue
       if image_id not in on_disk:
         problems.append(
-            data.Problem(
+            builder_base.Problem(
                 str(image_path),
                 f"listed in {csv_path} (line {line}) but the image file is "
                 "missing",
@@ -110,19 +110,25 @@ Unzip it so that the manual folder looks like this:
         match = _ID_NUMBER.match(image_id)
         patient = match[1] if match else ""
       records.append(
-          data.Record(
+          builder_base.Record(
               image_id=image_id,
               image_path=on_disk[image_id],
               mask_paths=(mask_path,) if mask_path.exists() else (),
-              label=data.BENIGN if pathology == "benign" else data.MALIGNANT,
+              label=(
+                  builder_base.BENIGN
+                  if pathology == "benign"
+                  else builder_base.MALIGNANT
+              ),
               patient_id=patient,
           )
       )
-    for stem in sorted(set(on_disk) - listed, key=data.natural_key):
+    for stem in sorted(set(on_disk) - listed, key=builder_base.natural_key):
       problems.append(
-          data.Problem(str(on_disk[stem]), f"image not listed in {csv_path}")
+          builder_base.Problem(
+              str(on_disk[stem]), f"image not listed in {csv_path}"
+          )
       )
-    records.sort(key=lambda r: data.natural_key(r.image_id))
+    records.sort(key=lambda r: builder_base.natural_key(r.image_id))
     return records, problems
 
   def _mask_hint(self, record):

@@ -20,7 +20,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ultraad_jax import data
+from ultraad_jax import builder_base
 
 TEST_PATIENTS = ("COPE", "ANFO", "ELCO", "CRCI", "FLKA")
 # A pixel is black when no channel exceeds this; green or red when that
@@ -29,7 +29,7 @@ TEST_PATIENTS = ("COPE", "ANFO", "ELCO", "CRCI", "FLKA")
 _DARK = 40
 
 
-class BusUclm(data.ManualBuilder):
+class BusUclm(builder_base.ManualBuilder):
   """BUS-UCLM from BUS-UCLM/images/*.png and BUS-UCLM/masks/*.png."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -67,10 +67,10 @@ Unzip it so that the manual folder looks like this:
         if p.suffix.lower() == ".png" and not p.name.startswith(".")
     }
     records = []
-    for stem in sorted(images, key=data.natural_key):
+    for stem in sorted(images, key=builder_base.natural_key):
       patient = stem[:4]
       records.append(
-          data.Record(
+          builder_base.Record(
               image_id=stem,
               image_path=images[stem],
               mask_paths=(masks[stem],) if stem in masks else (),
@@ -80,25 +80,27 @@ Unzip it so that the manual folder looks like this:
           )
       )
     problems = [
-        data.Problem(
+        builder_base.Problem(
             str(masks[stem]),
             "mask without an image (expected "
             f"{root / 'images' / (stem + '.png')})",
         )
-        for stem in sorted(set(masks) - set(images), key=data.natural_key)
+        for stem in sorted(
+            set(masks) - set(images), key=builder_base.natural_key
+        )
     ]
     return records, problems
 
   def _read_mask(self, record, size):
     if not record.mask_paths:
-      raise data.FileProblem(
+      raise builder_base.FileProblem(
           record.image_path,
           "image without a mask file (the label is read from the mask; "
           f"expected {_mask_path(record.image_path)})",
       )
     path = record.mask_paths[0]
-    image = data.open_png(path)
-    data.check_same_size(path, image.size, size)
+    image = builder_base.open_png(path)
+    builder_base.check_same_size(path, image.size, size)
     mask, label = mask_and_label(image, path)
     return mask, label
 
@@ -122,10 +124,10 @@ def mask_and_label(image, path) -> tuple[np.ndarray, int]:
     for green, malignant for red).
 
   Raises:
-    data.FileProblem: colours other than black/green/red, or both green and
-      red in one mask.
+    builder_base.FileProblem: colours other than black/green/red, or both
+      green and red in one mask.
   """
-  rgb = np.asarray(data.to_8bit(image).convert("RGB")).astype(np.int16)
+  rgb = np.asarray(builder_base.to_8bit(image).convert("RGB")).astype(np.int16)
   red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
   black = (red <= _DARK) & (green <= _DARK) & (blue <= _DARK)
   is_green = (green > _DARK) & (green >= 2 * red) & (green >= 2 * blue)
@@ -139,21 +141,21 @@ def mask_and_label(image, path) -> tuple[np.ndarray, int]:
     listed = ", ".join(
         f"{tuple(int(c) for c in colours[k])} x{int(counts[k])}" for k in top
     )
-    raise data.FileProblem(
+    raise builder_base.FileProblem(
         path,
         f"unexpected mask colours ({int(unexpected.sum())} px: {listed}); "
         "expected black (0,0,0) background, green (0,255,0) benign or red "
         "(255,0,0) malignant",
     )
   if is_green.any() and is_red.any():
-    raise data.FileProblem(
+    raise builder_base.FileProblem(
         path,
         f"mask has both green (benign, {int(is_green.sum())} px) and red "
         f"(malignant, {int(is_red.sum())} px) pixels; expected one lesion "
         "class",
     )
   if is_green.any():
-    return is_green, data.BENIGN
+    return is_green, builder_base.BENIGN
   if is_red.any():
-    return is_red, data.MALIGNANT
-  return np.zeros(black.shape, bool), data.NORMAL
+    return is_red, builder_base.MALIGNANT
+  return np.zeros(black.shape, bool), builder_base.NORMAL

@@ -17,12 +17,12 @@ import re
 
 import tensorflow_datasets as tfds
 
-from ultraad_jax import data
+from ultraad_jax import builder_base
 
 _MASK_NAME = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$")
 
 
-class Busi(data.ManualBuilder):
+class Busi(builder_base.ManualBuilder):
   """BUSI from the original Dataset_BUSI_with_GT folder layout."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -53,7 +53,7 @@ Unzip it so that the manual folder looks like this:
 
   def _scan(self, root: pathlib.Path):
     records, problems, ignored = [], [], []
-    for label, class_name in enumerate(data.CLASS_NAMES):
+    for label, class_name in enumerate(builder_base.CLASS_NAMES):
       folder = root / class_name
       images, masks = {}, {}
       for path in sorted(folder.iterdir()):
@@ -67,24 +67,26 @@ Unzip it so that the manual folder looks like this:
           masks.setdefault(match["stem"], []).append(path)
         else:
           images[path.stem] = path
-      for stem in sorted(images, key=data.natural_key):
+      for stem in sorted(images, key=builder_base.natural_key):
         records.append(
-            data.Record(
+            builder_base.Record(
                 image_id=stem,
                 image_path=images[stem],
                 mask_paths=tuple(
                     sorted(
                         masks.get(stem, ()),
-                        key=lambda p: data.natural_key(p.name),
+                        key=lambda p: builder_base.natural_key(p.name),
                     )
                 ),
                 label=label,
             )
         )
-      for stem in sorted(set(masks) - set(images), key=data.natural_key):
+      for stem in sorted(
+          set(masks) - set(images), key=builder_base.natural_key
+      ):
         for path in masks[stem]:
           problems.append(
-              data.Problem(
+              builder_base.Problem(
                   str(path),
                   "mask without an image (expected "
                   f"{folder / (stem + '.png')})",

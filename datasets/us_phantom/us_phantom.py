@@ -19,7 +19,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from ultraad_jax import data
+from ultraad_jax import builder_base
 from ultraad_jax import phantom
 
 
@@ -44,7 +44,7 @@ _PRESETS = {
 }
 
 
-class UsPhantom(data.ImageMaskBuilder):
+class UsPhantom(builder_base.ImageMaskBuilder):
   """Phantom images generated at preparation time."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -128,12 +128,12 @@ class UsPhantom(data.ImageMaskBuilder):
     examples = [
         {
             # The phantom is grey: stored single-channel, read as 3 channels.
-            "image": data.encode_png(arrays["images"][i, ..., 0]),
-            "mask": data.encode_mask(arrays["masks"][i]),
+            "image": builder_base.encode_png(arrays["images"][i, ..., 0]),
+            "mask": builder_base.encode_mask(arrays["masks"][i]),
             "label": int(arrays["labels"][i]),
             "image_id": str(arrays["image_ids"][i]),
             "patient_id": str(arrays["patient_ids"][i]),
         }
         for i in range(len(arrays["labels"]))
     ]
-    return {data.FULL_SPLIT: self._generate_examples(examples)}
+    return {builder_base.FULL_SPLIT: self._generate_examples(examples)}

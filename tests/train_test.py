@@ -1,0 +1,215 @@
+"""End-to-end tests of the engine, ultraad_jax.train.train_and_evaluate.
+
+Every run uses the tiny config of engine_helpers (32 px phantom, 32 px tiny
+CLIP, a few steps). One trained workdir (8 episodes on 1 device, 3 steps,
+a checkpoint every step) is shared by the tests that only read it or copy it.
+The metrics themselves are checked against scikit-learn in metrics_test.py.
+"""
+
+import json
+import pathlib
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+import engine_helpers
+from engine_helpers import tiny_config
+from ultraad_jax import evaluation
+from ultraad_jax import train
+
+# 8 episodes so that the same config also runs on 8 devices; one baseline so
+# that results.json has a "baselines" block.
+BASE = {
+    "episodes.num_episodes": 8,
+    "eval.baselines": ("center_prior",),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A finished run of BASE (checkpoints 1, 2, 3), built once per session.
+
+  Returns:
+    The workdir's pathlib.Path; traces.json beside it holds how often the
+    train step was traced during the run.
+  """
+
+  def build(path):
+    before = train.TRACE_COUNTS["train_step"]
+    train.train_and_evaluate(tiny_config(data_dir, BASE), str(path / "work"))
+    traces = train.TRACE_COUNTS["train_step"] - before
+    (path / "traces.json").write_text(json.dumps({"train_step": traces}))
+
+  return engine_helpers.shared_path(tmp_path_factory, "trained", build) / "work"
+
+
+def _copy(workdir, tmp_path):
+  """A private copy of a workdir, so a test never changes a shared one."""
+  target = tmp_path / "work"
+  shutil.copytree(workdir, target)
+  return target
+
+
+def _drop_outputs(workdir):
+  """Removes what evaluation writes, so a rerun must write it again."""
+  (workdir / "results.json").unlink()
+  (workdir / "results.md").unlink()
+  shutil.rmtree(workdir / "figures")
+
+
+def test_run_writes_every_report_file(trained):
+  config = json.loads((trained / "config.json").read_text())
+  assert config["episodes"]["num_episodes"] == 8
+  assert config["data"]["data_dir"]
+
+  shots = json.loads((trained / "shots.json").read_text())
+  assert len(shots["episodes"]) == 8
+  for episode in shots["episodes"]:
+    assert len(episode["support_ids"]) == 3 * 2  # 2 shots of 3 classes
+
+  lines = [
+      json.loads(l) for l in (trained / "metrics.jsonl").read_text().split("\n")
+      if l
+  ]  # fmt: skip
+  assert [l["step"] for l in lines] == [1, 2, 3]
+  assert all(np.isfinite(l["loss"]) for l in lines)
+  events = list(trained.glob("events.out.tfevents.*"))
+  assert len(events) == 1 and events[0].stat().st_size > 0
+
+  results = json.loads((trained / "results.json").read_text())
+  for key in ("setting", "shots", "num_episodes", "dataset", "backbone",
+              "episodes", "summary", "baselines", "timing"):  # fmt: skip
+    assert key in results, key
+  assert (results["setting"], results["shots"]) == ("per_class", 2)
+  assert results["num_episodes"] == 8 and results["backbone"] == "tiny"
+  assert results["dataset"].startswith("us_phantom")
+  assert [e["index"] for e in results["episodes"]] == list(range(8))
+  for episode in results["episodes"]:
+    assert episode["seed"] == 0
+    assert set(episode["metrics"]) >= {"image_auroc", "pixel_auroc"}
+  for metric in ("image_auroc", "pixel_auroc", "cls_accuracy"):
+    assert {"mean", "std", "ci95"} <= set(results["summary"][metric])
+  assert set(results["baselines"]) == {"center_prior"}
+  assert "summary" in results["baselines"]["center_prior"]
+
+  table = (trained / "results.md").read_text()
+  assert "| Metric | UltraAD |" in table and "| Image AUROC |" in table
+  figures = sorted(p.name for p in (trained / "figures").glob("*.png"))
+  assert figures, "no figures written"
+  for name in figures:
+    with open(trained / "figures" / name, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+  assert engine_helpers.complete_steps(trained) == [1, 2, 3]
+
+
+def test_train_step_compiles_once(trained):
+  # Three steps (and a checkpoint after each), one trace of the step.
+  traces = json.loads((trained.parent / "traces.json").read_text())
+  assert traces == {"train_step": 1}
+
+
+def test_same_seed_gives_identical_results(trained, data_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(data_dir, BASE), str(tmp_path))
+  assert engine_helpers.results_text(tmp_path) == engine_helpers.results_text(
+      trained
+  )
+  assert (tmp_path / "shots.json").read_bytes() == (
+      trained / "shots.json"
+  ).read_bytes()
+
+
+def test_resume_after_a_lost_checkpoint_matches_uninterrupted_run(
+    trained, data_dir, tmp_path
+):
+  # As if the run had stopped after step 2: its last checkpoint and every
+  # output of evaluation are gone.
+  workdir = _copy(trained, tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / "3")
+  _drop_outputs(workdir)
+  train.train_and_evaluate(tiny_config(data_dir, BASE), str(workdir))
+  assert engine_helpers.results_text(workdir) == engine_helpers.results_text(
+      trained
+  )
+  # Resumed at step 2: only step 3 was trained (and logged) again.
+  assert engine_helpers.metric_steps(workdir) == [1, 2, 3, 3]
+  assert engine_helpers.complete_steps(workdir) == [1, 2, 3]
+
+
+def test_eval_mode_reproduces_results(trained, data_dir, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  _drop_outputs(workdir)
+  before = train.TRACE_COUNTS["train_step"]
+  train.train_and_evaluate(
+      tiny_config(data_dir, {**BASE, "mode": "eval"}), str(workdir)
+  )
+  assert train.TRACE_COUNTS["train_step"] == before  # nothing trained
+  assert engine_helpers.results_text(workdir) == engine_helpers.results_text(
+      trained
+  )
+  assert engine_helpers.metric_steps(workdir) == [1, 2, 3]
+
+
+def test_eval_mode_without_checkpoint_fails_clearly(data_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="mode=eval") as err:
+    train.train_and_evaluate(
+        tiny_config(data_dir, {**BASE, "mode": "eval"}), str(tmp_path)
+    )
+  assert str(tmp_path / "checkpoints") in str(err.value)
+  assert "mode=train" in str(err.value)
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_eight_devices_match_one(trained, data_dir, tmp_path):
+  config = tiny_config(data_dir, {**BASE, "mesh.num_devices": 8})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  reference = json.loads((trained / "results.json").read_text())
+  assert (tmp_path / "shots.json").read_bytes() == (
+      trained / "shots.json"
+  ).read_bytes()
+  assert len(results["episodes"]) == len(reference["episodes"]) == 8
+  for ours, ref in zip(results["episodes"], reference["episodes"]):
+    assert ours["metrics"].keys() == ref["metrics"].keys()
+    for name, value in ref["metrics"].items():
+      np.testing.assert_allclose(
+          ours["metrics"][name], value, atol=1e-5, err_msg=name
+      )
+  losses = [
+      [json.loads(l)["loss"] for l in (w / "metrics.jsonl").open()]
+      for w in (tmp_path, trained)
+  ]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_cross_dataset_queries_every_test_image(data_dir, tmp_path, monkeypatch):
+  seen = []
+  score = evaluation.episode_metrics
+
+  def spy(preds, labels, masks, query_mask, **kwargs):
+    seen.append((np.asarray(labels), np.asarray(query_mask), preds))
+    return score(preds, labels, masks, query_mask, **kwargs)
+
+  monkeypatch.setattr(evaluation, "episode_metrics", spy)
+  config = tiny_config(data_dir, {**BASE, "train.steps": 1})
+  config.data.test_name = "us_phantom"
+  config.data.test_options = ml_collections.ConfigDict(
+      engine_helpers.CROSS_PHANTOM
+  )
+  results = train.train_and_evaluate(config, str(tmp_path))
+
+  num_test = 3 * engine_helpers.CROSS_PHANTOM["n_per_class"]
+  (labels, query_mask, preds), *others = seen
+  assert others == [] or all(o[1].shape == query_mask.shape for o in others)
+  assert labels.shape == (num_test,)
+  np.testing.assert_array_equal(np.bincount(labels), [5, 5, 5])
+  # Every test image is a query of every episode: none is a support image.
+  assert query_mask.shape == (8, num_test) and query_mask.all()
+  assert preds["image_score"].shape == (8, num_test)
+  assert len(results["episodes"]) == 8
+  for episode in results["episodes"]:
+    assert np.isfinite(episode["metrics"]["image_auroc"])
+  # The support set still comes from the training phantom (36 images).
+  shots = json.loads((tmp_path / "shots.json").read_text())
+  assert len(shots["episodes"]) == 8
+  assert pathlib.Path(tmp_path / "results.json").exists()
