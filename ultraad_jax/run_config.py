@@ -94,6 +94,13 @@ def validate(config):
     _check_schema(config, common.get_base_config())
   except ImportError:  # used outside the repository root: flags checked types
     pass
+  # The model's keys, types and static ranges (its own checks, no backbone).
+  from ultraad_jax import model  # pylint: disable=g-import-not-at-top
+
+  try:
+    model.ModelConfig.from_dict(config.model)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model is invalid: {e}") from e
   if config.mode not in ("train", "eval"):
     _fail("mode", config.mode, "expected 'train' or 'eval'")
   e = config.episodes
