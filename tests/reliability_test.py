@@ -140,7 +140,7 @@ def test_bad_config_rejected_before_anything_runs(
       engine_helpers.set_key(config, name, value)
 
   def reached(*args, **kwargs):
-    raise _Reached("the config was accepted and the backbone built")
+    raise _Reached("config accepted: the engine went on to build the backbone")
 
   monkeypatch.setattr(train, "build_backbone", reached)
   before = dict(train.TRACE_COUNTS)

@@ -118,6 +118,13 @@ class Checkpointer:
     )
     return out["state"], out["meta"]
 
+  def read_meta(self, step):
+    """Reads only the JSON facts saved with `step` (no arrays)."""
+    out = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    return out["meta"]
+
   def close(self):
     """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()

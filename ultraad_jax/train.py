@@ -54,6 +54,7 @@ def to_host(tree):
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 
@@ -218,7 +219,8 @@ def split_support(config, split, episodes):
         raise ValueError(
             f"config.train.val_fraction={fraction} holds out {n_val} of the "
             f"{len(members)} support images of class {c}, leaving none to "
-            "train on. Use more shots or a smaller val_fraction.")
+            "train on. Use more shots or a smaller val_fraction."
+        )
       t.extend(members[:-n_val])
       v.extend(members[-n_val:])
     train.append(np.asarray(t))
@@ -226,8 +228,9 @@ def split_support(config, split, episodes):
   return train, val
 
 
-def episode_arrays(config, split, supports, cache, backbone, clip_params,
-                   group_offset=0):
+def episode_arrays(
+    config, split, supports, cache, backbone, clip_params, group_offset=0
+):
   """Stacks per-episode support indices, labels and description embeddings.
 
   Args:
@@ -254,7 +257,8 @@ def episode_arrays(config, split, supports, cache, backbone, clip_params,
     group.append(np.repeat(np.arange(len(sup)), num_views) + group_offset)
     # Descriptions vary with the episode, reproducibly: seed = (seed, i).
     assigned = descriptions.assign_descriptions(
-        lab, seed=config.episodes.seed * 100003 + i)
+        lab, seed=config.episodes.seed * 100003 + i
+    )
     texts.append(np.repeat(np.asarray(assigned, dtype=object), num_views))
   unique = sorted({t for ts in texts for t in ts})
   table = np.asarray(model.encode_descriptions(backbone, clip_params, unique))
@@ -358,8 +362,9 @@ def train_step(
   return {**state, "params": params, "opt": opt, "step": step + 1}, metrics
 
 
-def val_step(state, ep_val, frozen, cache_arrays, clip_params, rng, *, cfg,
-             backbone):
+def val_step(
+    state, ep_val, frozen, cache_arrays, clip_params, rng, *, cfg, backbone
+):
   """Validation loss of every episode; keeps each episode's best params.
 
   Args:
@@ -380,8 +385,15 @@ def val_step(state, ep_val, frozen, cache_arrays, clip_params, rng, *, cfg,
 
   def one(params, fz, ep):
     support = gather_support(cache_arrays, ep)
-    loss, _ = model.loss_fn(params, fz, support, rng, cfg=cfg,
-                            backbone=backbone, clip_params=clip_params)
+    loss, _ = model.loss_fn(
+        params,
+        fz,
+        support,
+        rng,
+        cfg=cfg,
+        backbone=backbone,
+        clip_params=clip_params,
+    )
     return loss
 
   loss = jax.vmap(one)(state["params"], frozen, ep_val)
@@ -532,14 +544,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     The results dict that was written to results.json.
   """
   t_start = time.time()
-  timing = {}
   # ---- Config checks (before anything is loaded or compiled) -------------
   run_config.validate(config)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    _write(os.path.join(workdir, "config.json"),
-           config.to_json_best_effort(indent=2, sort_keys=True))
+    _write(
+        os.path.join(workdir, "config.json"),
+        config.to_json_best_effort(indent=2, sort_keys=True),
+    )
 
+  # ---- Checkpoints: checked before any work, so that a wrong workdir or an
+  # eval without a checkpoint fails at once -----------------------------------
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep
+  )
+  fingerprint = run_config.fingerprint(config)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    if checkpointer.read_meta(latest).get("fingerprint") != fingerprint:
+      raise ValueError(
+          f"The checkpoint in {checkpointer.directory} was written by a "
+          "different config (its training-relevant keys differ). Use a new "
+          "--workdir, or rerun with the config that wrote it (config.json)."
+      )
+  elif config.mode == "eval":
+    raise FileNotFoundError(
+        f"mode=eval needs a checkpoint, but {checkpointer.directory} has "
+        "none. Train first (mode=train) with this --workdir."
+    )
+  try:
+    return _run(config, workdir, checkpointer, latest, fingerprint, t_start)
+  finally:
+    checkpointer.close()
+
+
+def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
+  """The body of train_and_evaluate, after the checkpoint checks."""
+  timing = {}
   # ---- Mesh and backbone ---------------------------------------------------
   mesh = make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -556,8 +597,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   options = dict(config.data.options.to_dict())
   if config.data.builder_config:
     options["builder_config"] = config.data.builder_config
-  split = load_split(config.data.name, config.data.split,
-                     config.data.manual_dir, options, config, size)
+  split = load_split(
+      config.data.name,
+      config.data.split,
+      config.data.manual_dir,
+      options,
+      config,
+      size,
+  )
   run_config.validate_against_data(config, split.labels)
   episodes = make_episodes(config, split, workdir)
   cross = bool(config.data.test_name)
@@ -623,13 +670,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   )
   train_support, val_support = split_support(config, split, episodes)
   ep_data = jax.device_put(
-      episode_arrays(config, split, train_support, cache, backbone,
-                     backbone.params), by_episode)
+      episode_arrays(
+          config, split, train_support, cache, backbone, backbone.params
+      ),
+      by_episode,
+  )
   ep_val = None
   if val_support is not None:
     ep_val = jax.device_put(
-        episode_arrays(config, split, val_support, cache, backbone,
-                       backbone.params, group_offset=1 << 20), by_episode)
+        episode_arrays(
+            config,
+            split,
+            val_support,
+            cache,
+            backbone,
+            backbone.params,
+            group_offset=1 << 20,
+        ),
+        by_episode,
+    )
   timing["features_s"] = time.time() - t0
 
   # ---- Model, frozen state and optimizer ----------------------------------
@@ -662,29 +721,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     # never frees the buffers of `best`.
     state["best"] = jax.device_put(to_host(params), by_episode)
     state["best_val"] = jax.device_put(
-        np.full((num_episodes,), np.inf, np.float32), by_episode)
+        np.full((num_episodes,), np.inf, np.float32), by_episode
+    )
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-  # ---- Checkpoint / resume ------------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), config.checkpoint.max_to_keep
-  )
-  fingerprint = run_config.fingerprint(config)
-  latest = checkpointer.latest_step()
+  # ---- Resume -------------------------------------------------------------
   if latest is not None:
-    state, meta = checkpointer.restore(latest, state)
-    if meta.get("fingerprint") != fingerprint:
-      raise ValueError(
-          f"The checkpoint in {checkpointer.directory} was written by a "
-          "different config (its training-relevant keys differ). Use a new "
-          "--workdir, or rerun with the config that wrote it (config.json)."
-      )
+    state, _ = checkpointer.restore(latest, state)
     logging.info("Resumed from step %d.", latest)
-  elif config.mode == "eval":
-    raise FileNotFoundError(
-        f"mode=eval needs a checkpoint, but {checkpointer.directory} has "
-        "none. Train first (mode=train) with this --workdir."
-    )
 
   # ---- Training loop ------------------------------------------------------
   t0 = time.time()
@@ -707,8 +751,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     )
   total = config.train.steps
   start_step = int(state["step"])
-  writer = (report.MetricWriter(workdir) if jax.process_index() == 0 else
-            _NullWriter())
   stopped_early = False
   if config.mode == "train" and start_step < total:
     lowered = step_fn.lower(
@@ -718,68 +760,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     _log_cost("train_step", compiled)
     if config.dump_hlo:
       _write(os.path.join(workdir, "hlo", "train_step.txt"), compiled.as_text())
-    profile_range = (start_step + 2, start_step + 2 + config.profile_steps)
-    pending = None  # (step, metrics) whose finiteness is not checked yet
-    t_loop = time.time()
-    with _StopRequest() as stop:
-      for step in range(start_step, total):
-        if config.profile_steps and step == profile_range[0]:
-          jax.block_until_ready(state)
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = step_fn(
-              state, ep_data, frozen, cache_arrays, clip_params, rng
-          )
-        if config.profile_steps and step + 1 == profile_range[1]:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-        # The previous step's metrics are checked while this step runs, so
-        # the host never stalls the device on an ordinary step.
-        if pending is not None:
-          _check_finite(to_host(pending[1]), pending[0], checkpointer)
-          pending = None
-        done = step + 1
-        last = done == total or stop.signum is not None
-        if val_fn is not None and (last or done % config.train.val_every == 0):
-          state, val_loss = val_fn(
-              state, ep_val, frozen, cache_arrays, clip_params, rng
-          )
-          val_loss = to_host(val_loss)
-          writer.write(done, {"val_loss": float(np.mean(val_loss))})
-          logging.info("step %d  validation loss %.4f (mean over episodes)",
-                       done, float(np.mean(val_loss)))
-        if (
-            last
-            or done % config.train.log_every == 0
-            or done == 1
-            or (done % config.checkpoint.every_steps == 0)
-        ):
-          _log_and_save(
-              done,
-              metrics,
-              state,
-              checkpointer,
-              writer,
-              config,
-              fingerprint,
-              t_loop,
-              start_step,
-              total,
-              save=last or (done % config.checkpoint.every_steps == 0),
-          )
-        else:
-          pending = (done, metrics)
-        if stop.signum is not None:
-          stopped_early = done < total
-          break
+    state, stopped_early = _train_loop(
+        state,
+        step_fn,
+        val_fn,
+        (ep_data, frozen, cache_arrays, clip_params, rng),
+        ep_val,
+        checkpointer=checkpointer,
+        config=config,
+        workdir=workdir,
+        fingerprint=fingerprint,
+        start_step=start_step,
+        total=total,
+    )
     timing["train_s"] = time.time() - t0
-  writer.close()
   if stopped_early:
     logging.warning(
-        "Stopped at step %d on request; rerun the same command " "to resume.",
+        "Stopped at step %d on request; rerun the same command to resume.",
         int(state["step"]),
     )
-    checkpointer.close()
     return None
 
   # ---- Evaluation ---------------------------------------------------------
@@ -819,7 +818,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     )
     logging.info("Evaluated %s on %d episodes.", method, num_episodes)
   timing["eval_s"] = time.time() - t0
-  checkpointer.close()
 
   # ---- Reports ------------------------------------------------------------
   results = evaluation.assemble_results(
@@ -839,10 +837,119 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:  # one writer on a multi-host pod
     report.write_results(workdir, results)
     evaluation.write_figures(
-        workdir, test, query_mask[0], examples, per_method,
-        per_class=config.eval.num_overlays)
+        workdir,
+        test,
+        query_mask[0],
+        examples,
+        per_method,
+        per_class=config.eval.num_overlays,
+    )
   logging.info("Wrote results to %s.", os.path.join(workdir, "results.md"))
   return results
+
+
+def _train_loop(
+    state,
+    step_fn,
+    val_fn,
+    args,
+    ep_val,
+    *,
+    checkpointer,
+    config,
+    workdir,
+    fingerprint,
+    start_step,
+    total,
+):
+  """Runs steps start_step..total-1: logs, checks, checkpoints, profiling.
+
+  Args:
+    state: the stacked training state (donated to each step).
+    step_fn: the jitted train step.
+    val_fn: the jitted validation step, or None (fixed schedule).
+    args: the step's other arguments (ep_data, frozen, cache_arrays,
+      clip_params, rng).
+    ep_val: validation support arrays (with val_fn).
+    checkpointer: the run's Checkpointer.
+    config: the run config.
+    workdir: the run's folder (metrics, profile).
+    fingerprint: the config fingerprint saved with every checkpoint.
+    start_step: the first step to run.
+    total: the number of steps of the schedule.
+
+  Returns:
+    (state, stopped_early): stopped_early is True when SIGINT/SIGTERM ended
+    the run before `total` (a checkpoint of the step reached was saved).
+  """
+  ep_data, frozen, cache_arrays, clip_params, rng = args
+  writer = (
+      report.MetricWriter(workdir)
+      if jax.process_index() == 0
+      else _NullWriter()
+  )
+  stopped_early = False
+  try:
+    profile_range = (start_step + 2, start_step + 2 + config.profile_steps)
+    pending = None  # (step, metrics) whose finiteness is not checked yet
+    t_loop = time.time()
+    with _StopRequest() as stop:
+      for step in range(start_step, total):
+        if config.profile_steps and step == profile_range[0]:
+          jax.block_until_ready(state)
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = step_fn(
+              state, ep_data, frozen, cache_arrays, clip_params, rng
+          )
+        if config.profile_steps and step + 1 == profile_range[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+        # The previous step's metrics are checked while this step runs, so
+        # the host never stalls the device on an ordinary step.
+        if pending is not None:
+          _check_finite(to_host(pending[1]), pending[0], checkpointer)
+          pending = None
+        done = step + 1
+        last = done == total or stop.signum is not None
+        if val_fn is not None and (last or done % config.train.val_every == 0):
+          state, val_loss = val_fn(
+              state, ep_val, frozen, cache_arrays, clip_params, rng
+          )
+          val_loss = to_host(val_loss)
+          writer.write(done, {"val_loss": float(np.mean(val_loss))})
+          logging.info(
+              "step %d  validation loss %.4f (mean over episodes)",
+              done,
+              float(np.mean(val_loss)),
+          )
+        if (
+            last
+            or done % config.train.log_every == 0
+            or done == 1
+            or (done % config.checkpoint.every_steps == 0)
+        ):
+          _log_and_save(
+              done,
+              metrics,
+              state,
+              checkpointer,
+              writer,
+              config,
+              fingerprint,
+              t_loop,
+              start_step,
+              total,
+              save=last or (done % config.checkpoint.every_steps == 0),
+          )
+        else:
+          pending = (done, metrics)
+        if stop.signum is not None:
+          stopped_early = done < total
+          break
+  finally:
+    writer.close()
+  return state, stopped_early
 
 
 def _log_and_save(
@@ -955,9 +1062,7 @@ def _predict_all(
     idx = np.pad(idx, (0, bs - valid))  # padded rows are dropped below
     g = test_cache.global_embed[idx]
     p = test_cache.patch_tokens[:, idx]
-    out = to_host(
-        fn(params, frozen, ep_data, cache_arrays, g, p, clip_params)
-    )
+    out = to_host(fn(params, frozen, ep_data, cache_arrays, g, p, clip_params))
     outs.append(jax.tree.map(lambda x: x[:, :valid], out))
   merged = {}
   for field in model.Predictions._fields:
