@@ -13,11 +13,17 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/demo.py.",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file, e.g. configs/demo.py.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output folder (created; rerunning resumes). Defaults to "
-    "runs/<config name>.")
+    "workdir",
+    None,
+    "Output folder (created; rerunning resumes). Defaults to "
+    "runs/<config name>.",
+)
 
 
 def main(argv):
@@ -27,14 +33,24 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/demo.py")
   workdir = _WORKDIR.value or os.path.join(
-      "runs", os.path.splitext(os.path.basename(
-          config_flags.get_config_filename(flags.FLAGS["config"])))[0])
+      "runs",
+      os.path.splitext(
+          os.path.basename(
+              config_flags.get_config_filename(flags.FLAGS["config"])
+          )
+      )[0],
+  )
   # XLA reads its flags when the backend starts, so they are set before the
   # engine (and with it any device use) is imported.
   from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
-  xla_env.configure(dump_hlo_dir=os.path.join(workdir, "hlo", "xla_dump")
-                    if config.dump_hlo else None)
+
+  xla_env.configure(
+      dump_hlo_dir=os.path.join(workdir, "hlo", "xla_dump")
+      if config.dump_hlo
+      else None
+  )
   from ultraad_jax import sweep  # pylint: disable=g-import-not-at-top
+
   logging.info("Workdir: %s", os.path.abspath(workdir))
   sweep.run(config, workdir)
 

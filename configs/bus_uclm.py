@@ -20,17 +20,6 @@ def get_config(arg=None):
   c.data.name = "bus_uclm"
   c.data.split = "all"
   c.episodes.shots = v.shots
-  c.episodes.num_episodes = 16
-  c.backbone.name = "openai/clip-vit-large-patch14-336"
-  c.model = common.model_config(layers=(6, 12, 18, 24))
+  common.set_backbone(c, tiny=v.tiny)
   c.train.steps = 200
-  c.cache.dtype = "bfloat16"
-  c.cache.memory_budget_gb = 32.0
-  c.eval.batch_size = 16
-  if v.tiny:
-    c.backbone.name = "tiny"
-    c.backbone.image_size = 96
-    c.model = common.model_config(layers=(1, 2, 3, 4))
-    c.episodes.num_episodes = 8
-    c.cache.dtype = "float32"
   return c

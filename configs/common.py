@@ -71,11 +71,14 @@ def model_config(**overrides):
   """
   import dataclasses  # pylint: disable=g-import-not-at-top
   from ultraad_jax import model  # pylint: disable=g-import-not-at-top
+
   fields = {f.name: f for f in dataclasses.fields(model.ModelConfig)}
   unknown = set(overrides) - set(fields)
   if unknown:
-    raise ValueError(f"Unknown model config keys {sorted(unknown)}; known: "
-                     f"{sorted(fields)}.")
+    raise ValueError(
+        f"Unknown model config keys {sorted(unknown)}; known: "
+        f"{sorted(fields)}."
+    )
   values = {}
   for name, f in fields.items():
     if name in overrides:
@@ -85,6 +88,35 @@ def model_config(**overrides):
     elif f.default_factory is not dataclasses.MISSING:
       values[name] = f.default_factory()
   return ml_collections.ConfigDict(values)
+
+
+def set_backbone(c, tiny):
+  """Sets the backbone and everything sized by it, in place.
+
+  Args:
+    c: a config from get_base_config().
+    tiny: True for a tiny random CLIP at 96 px (runs on a CPU in minutes);
+      False for OpenAI ViT-L/14@336 with the peers' tapped blocks.
+
+  Returns:
+    c, for chaining.
+  """
+  if tiny:
+    c.backbone.name = "tiny"
+    c.backbone.image_size = 96
+    c.model = model_config(layers=(1, 2, 3, 4))
+    c.episodes.num_episodes = 8
+    c.cache.dtype = "float32"
+    c.cache.memory_budget_gb = 4.0
+    c.eval.batch_size = 64
+  else:
+    c.backbone.name = "openai/clip-vit-large-patch14-336"
+    c.model = model_config(layers=(6, 12, 18, 24))
+    c.episodes.num_episodes = 16
+    c.cache.dtype = "bfloat16"  # halves the cache; features are frozen
+    c.cache.memory_budget_gb = 32.0
+    c.eval.batch_size = 16
+  return c
 
 
 def get_base_config():

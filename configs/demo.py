@@ -22,7 +22,8 @@ def get_config(arg=None):
   # The phantom at 96 px, 40 images per class; difficulty 0.3 keeps lesions
   # visible to a tiny random CLIP (0.5 is the builder's default).
   c.data.options = ml_collections.ConfigDict(
-      dict(image_size=96, n_per_class=40, difficulty=0.3, seed=0))
+      dict(image_size=96, n_per_class=40, difficulty=0.3, seed=0)
+  )
   c.data.num_views = 4
   c.episodes.setting = "per_class"
   c.episodes.shots = 4

@@ -109,8 +109,7 @@ def assemble_results(config, per_method, *, backbone_name, dataset, selection):
   }
 
 
-def write_figures(workdir, test, query_mask, examples, per_method,
-                  per_class=3):
+def write_figures(workdir, test, query_mask, examples, per_method, per_class=3):
   """Overlays and ROC curves (episode 0) and metric distributions.
 
   Args:

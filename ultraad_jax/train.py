@@ -923,25 +923,26 @@ def _train_loop(
               done,
               float(np.mean(val_loss)),
           )
-        if (
-            last
-            or done % config.train.log_every == 0
-            or done == 1
-            or (done % config.checkpoint.every_steps == 0)
-        ):
-          _log_and_save(
+        save = last or done % config.checkpoint.every_steps == 0
+        if save or done == 1 or done % config.train.log_every == 0:
+          # Host-side work on this step: NaN check, log line, checkpoint.
+          host = to_host(metrics)
+          _check_finite(host, done, checkpointer)
+          means = {k: float(np.mean(v)) for k, v in host.items()}
+          writer.write(done, means)
+          rate = (done - start_step) / max(time.time() - t_loop, 1e-9)
+          logging.info(
+              "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
               done,
-              metrics,
-              state,
-              checkpointer,
-              writer,
-              config,
-              fingerprint,
-              t_loop,
-              start_step,
               total,
-              save=last or (done % config.checkpoint.every_steps == 0),
+              means["loss"],
+              rate,
+              _fmt_eta((total - done) / max(rate, 1e-9)),
           )
+          if save:
+            checkpointer.save(
+                done, state, {"fingerprint": fingerprint, "step": done}
+            )
         else:
           pending = (done, metrics)
         if stop.signum is not None:
@@ -950,39 +951,6 @@ def _train_loop(
   finally:
     writer.close()
   return state, stopped_early
-
-
-def _log_and_save(
-    done,
-    metrics,
-    state,
-    checkpointer,
-    writer,
-    config,
-    fingerprint,
-    t_loop,
-    start_step,
-    total,
-    save,
-):
-  """Host-side work after step `done`: NaN check, log line, checkpoint."""
-  metrics = to_host(metrics)
-  _check_finite(metrics, done, checkpointer)
-  means = {k: float(np.mean(v)) for k, v in metrics.items()}
-  writer.write(done, means)
-  elapsed = time.time() - t_loop
-  rate = (done - start_step) / max(elapsed, 1e-9)
-  eta = (total - done) / max(rate, 1e-9)
-  logging.info(
-      "step %d/%d  loss %.4f  %.2f steps/s  ETA %s",
-      done,
-      total,
-      means["loss"],
-      rate,
-      _fmt_eta(eta),
-  )
-  if save:
-    checkpointer.save(done, state, {"fingerprint": fingerprint, "step": done})
 
 
 class _NullWriter:
