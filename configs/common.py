@@ -197,6 +197,9 @@ def get_base_config():
   c.eval.batch_size = 32  # query images per compiled eval call
   c.eval.baselines = BASELINES
   c.eval.num_overlays = 3  # query images per class in the overlay figure
+  # Host memory for the maps held at once (episodes are evaluated in chunks
+  # of whole episodes that fit; exact pixel metrics need all of an episode).
+  c.eval.memory_budget_gb = 4.0
 
   # ---- Devices ----------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ import pytest
 import engine_helpers
 from engine_helpers import tiny_config
 from ultraad_jax import evaluation
+from ultraad_jax import report
 from ultraad_jax import train
 
 # 8 episodes so that the same config also runs on 8 devices; one baseline so
@@ -160,6 +161,31 @@ def test_eval_mode_reproduces_results(trained, data_dir, tmp_path):
   assert engine_helpers.metric_steps(workdir) == [1, 2, 3]
 
 
+def test_chunked_evaluation_matches_one_chunk(trained, data_dir, tmp_path):
+  # A tiny host budget forces evaluation one episode at a time; the trained
+  # run evaluated all 8 at once. Only float rounding of the differently
+  # batched programs may differ.
+  workdir = _copy(trained, tmp_path)
+  _drop_outputs(workdir)
+  train.train_and_evaluate(
+      tiny_config(
+          data_dir, {**BASE, "mode": "eval", "eval.memory_budget_gb": 1e-9}
+      ),
+      str(workdir),
+  )
+  ours = report.read_results(str(workdir))
+  ref = report.read_results(str(trained))
+  for block, ref_block in [(ours, ref)] + [
+      (ours["baselines"][k], ref["baselines"][k]) for k in ref["baselines"]
+  ]:
+    for mine, theirs in zip(block["episodes"], ref_block["episodes"]):
+      assert mine["metrics"].keys() == theirs["metrics"].keys()
+      for name, value in theirs["metrics"].items():
+        np.testing.assert_allclose(
+            mine["metrics"][name], value, atol=1e-5, err_msg=name
+        )
+
+
 def test_eval_mode_without_checkpoint_fails_clearly(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="mode=eval") as err:
     train.train_and_evaluate(
@@ -185,7 +211,11 @@ def test_eight_devices_match_one(trained, data_dir, tmp_path):
           ours["metrics"][name], value, atol=1e-5, err_msg=name
       )
   losses = [
-      [json.loads(l)["loss"] for l in (w / "metrics.jsonl").open()]
+      [
+          json.loads(l)["loss"]
+          for l in (w / "metrics.jsonl").read_text().split("\n")
+          if l
+      ]
       for w in (tmp_path, trained)
   ]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

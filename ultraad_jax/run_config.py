@@ -157,6 +157,13 @@ def validate(config):
     )
   if config.mesh.data <= 0 or n % config.mesh.data:
     _fail("mesh.data", config.mesh.data, f"must divide the {n} devices in use")
+  if config.eval.batch_size % config.mesh.data:
+    _fail(
+        "eval.batch_size",
+        config.eval.batch_size,
+        f"must be a multiple of mesh.data={config.mesh.data} (the query "
+        "batch is sharded over the data axis)",
+    )
   episode_axis = n // config.mesh.data
   if e.num_episodes % episode_axis:
     _fail(

@@ -789,33 +789,45 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
     query_mask = np.zeros((num_episodes, len(split.labels)), bool)
     for i, ep in enumerate(episodes):
       query_mask[i, ep.query] = True
-  predict = functools.partial(
-      _predict_all,
-      config=config,
-      cfg=cfg,
-      backbone=backbone,
-      clip_params=clip_params,
-      test_cache=test_cache,
-      mesh=mesh,
+  # With early stopping, each episode is evaluated at its best step on its
+  # own support validation images; otherwise at the last step.
+  eval_params = state["best"] if ep_val is not None else state["params"]
+  # Host memory: maps of a chunk of episodes over all test images are held
+  # at once (exact pixel metrics need every pixel of an episode).
+  chunk = _episode_chunk(
+      num_episodes,
+      mesh.shape["episode"],
+      test.images.shape[:3],
+      config.eval.memory_budget_gb,
   )
   methods = ("ultraad",) + tuple(config.eval.baselines)
-  per_method = {}
+  per_method = {m: [] for m in methods}
   examples = {}
   for method in methods:
-    # With early stopping, each episode is evaluated at its best step on
-    # its own support validation images; otherwise at the last step.
-    eval_params = state["best"] if ep_val is not None else state["params"]
-    preds = predict(eval_params, frozen, ep_data, cache_arrays, method=method)
-    per_method[method] = evaluation.episode_metrics(
-        preds,
-        test.labels,
-        test.masks,
-        query_mask,
-        setting=config.episodes.setting,
+    predict = _make_predict(
+        method, config=config, cfg=cfg, backbone=backbone, mesh=mesh
     )
-    examples[method] = jax.tree.map(
-        lambda x: None if x is None else x[0], preds
-    )
+    for start in range(0, num_episodes, chunk):
+      part = slice(start, start + chunk)
+      preds = _predict_all(
+          predict,
+          jax.tree.map(lambda x: x[part], (eval_params, frozen, ep_data)),
+          cache_arrays,
+          test_cache,
+          clip_params,
+          config.eval.batch_size,
+      )
+      per_method[method].extend(
+          evaluation.episode_metrics(
+              preds,
+              test.labels,
+              test.masks,
+              query_mask[part],
+              setting=config.episodes.setting,
+          )
+      )
+      if start == 0:
+        examples[method] = {k: v[0] for k, v in preds.items()}
     logging.info("Evaluated %s on %d episodes.", method, num_episodes)
   timing["eval_s"] = time.time() - t0
 
@@ -990,47 +1002,97 @@ def _write(path, text):
     f.write(text)
 
 
-def _predict_all(
-    params,
-    frozen,
-    ep_data,
-    cache_arrays,
-    *,
-    method,
-    config,
-    cfg,
-    backbone,
-    clip_params,
-    test_cache,
-    mesh,
-):
-  """Predictions of every episode on every test image, on the host.
+def _episode_chunk(num_episodes, episode_axis, test_shape, budget_gb):
+  """Episodes evaluated at once: their maps must fit the host budget.
 
-  Query images are processed in padded batches of config.eval.batch_size so
-  that one compiled program serves the whole set.
+  The chunk divides num_episodes and is a multiple of the episode mesh axis
+  (so the chunk shards evenly); at least one multiple is always taken.
+  """
+  per_episode = 4 * int(np.prod(test_shape))  # float32 maps [N, H, W]
+  fit = int(budget_gb * 2**30 // max(per_episode, 1))
+  sizes = [
+      d
+      for d in range(episode_axis, num_episodes + 1, episode_axis)
+      if num_episodes % d == 0
+  ]
+  fitting = [d for d in sizes if d <= fit]
+  return max(fitting) if fitting else sizes[0]
+
+
+def _make_predict(method, *, config, cfg, backbone, mesh):
+  """The jitted predict step of one method (one compile per method).
+
+  The query batch is gathered from the test cache inside the program and
+  sharded over the mesh's "data" axis; episodes over its "episode" axis.
+  """
+  del config
+
+  def step(
+      params, frozen, ep_data, cache_arrays, test_g, test_p, idx, clip_params
+  ):
+    g = jax.lax.with_sharding_constraint(
+        test_g[idx], jax.sharding.NamedSharding(mesh, P("data"))
+    )
+    p = jax.lax.with_sharding_constraint(
+        test_p[:, idx], jax.sharding.NamedSharding(mesh, P(None, "data"))
+    )
+    return predict_step(
+        params,
+        frozen,
+        ep_data,
+        cache_arrays,
+        g,
+        p,
+        clip_params,
+        cfg=cfg,
+        backbone=backbone,
+        method=method,
+    )
+
+  return jax.jit(
+      step, out_shardings=jax.sharding.NamedSharding(mesh, P("episode", "data"))
+  )
+
+
+def _predict_all(
+    predict, episode_args, cache_arrays, test_cache, clip_params, batch_size
+):
+  """Predictions of some episodes on every test image, on the host.
+
+  Query images go through `predict` in padded batches of `batch_size`, so
+  one compiled program serves the whole set; padded rows are dropped.
+
+  Args:
+    predict: from _make_predict.
+    episode_args: (params, frozen, ep_data) of the episodes to evaluate.
+    cache_arrays: the support feature cache.
+    test_cache: the FeatureCache of the test images (view 0 rows).
+    clip_params: frozen backbone parameters.
+    batch_size: query images per call.
 
   Returns:
     dict of numpy arrays: maps [E, N, H, W], image_score [E, N], class_probs
     [E, N, 3] (keys absent when the method does not produce them).
   """
-  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
-  fn = jax.jit(
-      functools.partial(
-          predict_step, cfg=cfg, backbone=backbone, method=method
-      ),
-      out_shardings=by_episode,
-  )
-  n = test_cache.rows.shape[0]
-  bs = config.eval.batch_size
+  params, frozen, ep_data = episode_args
   rows = test_cache.rows[:, 0]
   outs = []
-  for b in range(math.ceil(n / bs)):
-    idx = rows[b * bs : (b + 1) * bs]
+  for b in range(math.ceil(len(rows) / batch_size)):
+    idx = rows[b * batch_size : (b + 1) * batch_size]
     valid = len(idx)
-    idx = np.pad(idx, (0, bs - valid))  # padded rows are dropped below
-    g = test_cache.global_embed[idx]
-    p = test_cache.patch_tokens[:, idx]
-    out = to_host(fn(params, frozen, ep_data, cache_arrays, g, p, clip_params))
+    idx = np.pad(idx, (0, batch_size - valid))
+    out = to_host(
+        predict(
+            params,
+            frozen,
+            ep_data,
+            cache_arrays,
+            test_cache.global_embed,
+            test_cache.patch_tokens,
+            idx,
+            clip_params,
+        )
+    )
     outs.append(jax.tree.map(lambda x: x[:, :valid], out))
   merged = {}
   for field in model.Predictions._fields:
