@@ -6,9 +6,9 @@ subclasses one of the two classes here:
   the config interface that `ultraad_jax.data.load` calls;
 - `ManualBuilder`: datasets built from manually downloaded image and mask
   files. Subclasses only describe the folder layout (`_scan`); reading and
-  checking every file, collecting bad inputs (`skip_bad`), near-duplicate
-  removal (`dedupe`) and the reports written next to the prepared data are
-  done here.
+  checking every file, collecting bad inputs (`skip_bad`), listing the files
+  that are not inputs (ignored, never fatal), near-duplicate removal
+  (`dedupe`) and the reports written next to the prepared data are done here.
 
 The helpers (`open_png`, `to_8bit`, `binary_mask`, `perceptual_hash`, ...) are
 public so that builders with unusual layouts can reuse them. Builders are
@@ -54,6 +54,14 @@ FULL_SPLIT = "full"
 DEDUPE_THRESHOLD = 8
 # Bad files listed in one error message (the report lists all of them).
 _MAX_LISTED = 50
+# Ignored files named in the preparation warning (the report lists all).
+_MAX_IGNORED_LOGGED = 10
+# Mask pixel values read as "0 background, 1 lesion" or "0 / 255" or a mix
+# of both (some tools write 1, others 255); any other set must have a single
+# nonzero level.
+_MASK_LEVELS = frozenset({0, 1, 255})
+# Distinct values quoted when a mask has too many.
+_MAX_LEVELS_LISTED = 8
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -207,6 +215,43 @@ def binary_mask(image: Image.Image) -> np.ndarray:
   return merged > 0
 
 
+def check_mask_levels(path: os.PathLike | str, image: Image.Image) -> None:
+  """Raises FileProblem unless a mask holds 0 and at most one lesion value.
+
+  A mask is a two-level picture: 0 background and one lesion value (255 or
+  1; values 0, 1 and 255 together are also accepted). A grey-level picture
+  saved under a mask's name would otherwise pass as a huge lesion, since
+  `binary_mask` counts every nonzero pixel. The values are those of the
+  8-bit image (`to_8bit`: alpha composited over black) over all its
+  channels, so a coloured lesion such as (255, 0, 0) is two-level too.
+  All 798 mask files of the real BUSI hold 0/255 (or are 1-bit).
+
+  Args:
+    path: the mask file, for the message.
+    image: the decoded mask.
+
+  Raises:
+    FileProblem: naming the values found and the values expected.
+  """
+  if image.mode == "1":
+    return
+  array = np.asarray(to_8bit(image))
+  # bincount is linear in the pixel count (np.unique sorts).
+  levels = np.flatnonzero(np.bincount(array.ravel(), minlength=256))
+  nonzero = levels[levels > 0]
+  if nonzero.size <= 1 or set(levels.tolist()) <= _MASK_LEVELS:
+    return
+  listed = ", ".join(str(int(v)) for v in levels[:_MAX_LEVELS_LISTED])
+  if levels.size > _MAX_LEVELS_LISTED:
+    listed += f", ... ({levels.size} distinct values)"
+  raise FileProblem(
+      path,
+      f"unexpected mask values {{{listed}}}; expected 0 background and 255 "
+      "(or 1) lesion (a mask holds two values; is this a picture saved "
+      "under the mask's name?)",
+  )
+
+
 def encode_mask(mask: np.ndarray) -> bytes:
   """bool/uint8 [H, W] -> PNG of a {0, 1} single-channel image."""
   return encode_png(np.asarray(mask, bool).astype(np.uint8), compress_level=6)
@@ -326,6 +371,55 @@ class Problem:
 
   file: str
   problem: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Ignored:
+  """An entry of a dataset folder that is not an input: listed, never read.
+
+  Ignored entries (a stray .DS_Store, Thumbs.db, a JPEG copy, a sub-folder)
+  never make preparation fail, with or without skip_bad; they are logged
+  and listed under "ignored" in bad_inputs.json.
+  """
+
+  file: str
+  reason: str
+
+
+def list_pngs(
+    folder: os.PathLike | str,
+) -> tuple[list[pathlib.Path], list[Ignored]]:
+  """The PNG files of a folder, and every other entry of it as ignored.
+
+  The suffix is matched case-insensitively (X.png and X.PNG are both
+  returned: the builder decides what two files with one stem mean).
+
+  Args:
+    folder: a dataset folder.
+
+  Returns:
+    (PNG files sorted by name, the other entries: hidden files such as
+    .DS_Store or AppleDouble "._X.png", files of other formats, sub-folders).
+  """
+  pngs, ignored = [], []
+  for path in sorted(pathlib.Path(folder).iterdir()):
+    if path.is_dir():
+      ignored.append(Ignored(str(path), "a folder; sub-folders are not read"))
+    elif path.name.startswith("."):
+      ignored.append(
+          Ignored(str(path), "hidden file (name starts with '.'); not read")
+      )
+    elif path.suffix.lower() != ".png":
+      ignored.append(
+          Ignored(
+              str(path),
+              f"not a PNG file (suffix {path.suffix!r}); only .png files are "
+              "read (convert it to PNG if it is an input)",
+          )
+      )
+    else:
+      pngs.append(path)
+  return pngs, ignored
 
 
 def natural_key(text: str) -> tuple:
@@ -493,8 +587,18 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
     )
 
   @abc.abstractmethod
-  def _scan(self, root: pathlib.Path) -> tuple[list[Record], list[Problem]]:
-    """Lists the examples under root (layout problems go in the 2nd list)."""
+  def _scan(
+      self, root: pathlib.Path
+  ) -> tuple[list[Record], list[Problem], list[Ignored]]:
+    """Lists the examples under root.
+
+    Args:
+      root: the dataset folder (`find_root`).
+
+    Returns:
+      (records, layout problems (skippable bad inputs), entries of the
+      dataset folders that are not inputs (see `list_pngs`)).
+    """
 
   @classmethod
   def missing_data_message(cls, what: str) -> str:
@@ -545,8 +649,10 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
       first_line = str(e).splitlines()[0] if str(e) else "no manual folder"
       raise FileNotFoundError(self.missing_data_message(first_line)) from e
     root = self.find_root(manual_dir)
-    records, problems = self._scan(root)
+    records, problems, ignored = self._scan(root)
     problems = list(problems)
+    if ignored:
+      self._warn_ignored(ignored)
 
     by_id = collections.defaultdict(list)
     for record in records:
@@ -556,8 +662,8 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
       if len(group) > 1:
         duplicated.add(image_id)
         files = [str(r.image_path) for r in group]
-        for record in group:
-          others = ", ".join(f for f in files if f != str(record.image_path))
+        for index, record in enumerate(group):
+          others = ", ".join(f for k, f in enumerate(files) if k != index)
           problems.append(
               Problem(
                   str(record.image_path),
@@ -599,6 +705,8 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
         "num_examples": len(examples),
         "num_skipped": len(problems),
         "skipped": [dataclasses.asdict(p) for p in problems],
+        "num_ignored": len(ignored),
+        "ignored": [dataclasses.asdict(i) for i in ignored],
     }
 
     if config.dedupe:
@@ -624,6 +732,23 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
         )
     return {name: self._generate_examples(m) for name, m in splits.items()}
 
+  def _warn_ignored(self, ignored: Sequence[Ignored]) -> None:
+    """Logs the entries that are not inputs (they never fail preparation)."""
+    listed = "; ".join(f"{i.file} ({i.reason})" for i in ignored[:_MAX_IGNORED_LOGGED])
+    if len(ignored) > _MAX_IGNORED_LOGGED:
+      listed += f"; ... and {len(ignored) - _MAX_IGNORED_LOGGED} more"
+    logger.warning(
+        "%s: ignored %d entr%s of the dataset folders that %s not inputs: "
+        "%s. They are listed under \"ignored\" in %s next to the prepared "
+        "data; remove them to silence this warning.",
+        self.name,
+        len(ignored),
+        "y" if len(ignored) == 1 else "ies",
+        "is" if len(ignored) == 1 else "are",
+        listed,
+        BAD_INPUTS_REPORT,
+    )
+
   def _process(self, record: Record) -> dict | Problem:
     """Reads and checks one example; a Problem instead of raising."""
     try:
@@ -646,7 +771,7 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
   def _read_mask(
       self, record: Record, size: tuple[int, int]
   ) -> tuple[np.ndarray, int]:
-    """OR-merges the record's masks (any nonzero pixel is lesion).
+    """OR-merges the record's masks (two-level masks, nonzero is lesion).
 
     Args:
       record: the example.
@@ -656,7 +781,8 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
       (bool mask [H, W], label).
 
     Raises:
-      FileProblem: missing lesion mask, size mismatch, empty lesion mask,
+      FileProblem: missing lesion mask, size mismatch, mask values other
+        than 0 and one lesion value (`check_mask_levels`), empty lesion mask,
         non-empty normal mask, unreadable mask.
     """
     width, height = size
@@ -673,6 +799,7 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
     for path in record.mask_paths:
       mask = open_png(path)
       check_same_size(path, mask.size, size)
+      check_mask_levels(path, mask)
       merged |= binary_mask(mask)
     if label == NORMAL and merged.any():
       raise FileProblem(

@@ -816,6 +816,11 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
           test_cache,
           clip_params,
           config.eval.batch_size,
+          hlo_path=(
+              os.path.join(workdir, "hlo", f"predict_{method}.txt")
+              if config.dump_hlo and start == 0
+              else None
+          ),
       )
       per_method[method].extend(
           evaluation.episode_metrics(
@@ -1055,7 +1060,13 @@ def _make_predict(method, *, config, cfg, backbone, mesh):
 
 
 def _predict_all(
-    predict, episode_args, cache_arrays, test_cache, clip_params, batch_size
+    predict,
+    episode_args,
+    cache_arrays,
+    test_cache,
+    clip_params,
+    batch_size,
+    hlo_path=None,
 ):
   """Predictions of some episodes on every test image, on the host.
 
@@ -1069,6 +1080,7 @@ def _predict_all(
     test_cache: the FeatureCache of the test images (view 0 rows).
     clip_params: frozen backbone parameters.
     batch_size: query images per call.
+    hlo_path: if set, the compiled program's HLO text is written there.
 
   Returns:
     dict of numpy arrays: maps [E, N, H, W], image_score [E, N], class_probs
@@ -1081,18 +1093,19 @@ def _predict_all(
     idx = rows[b * batch_size : (b + 1) * batch_size]
     valid = len(idx)
     idx = np.pad(idx, (0, batch_size - valid))
-    out = to_host(
-        predict(
-            params,
-            frozen,
-            ep_data,
-            cache_arrays,
-            test_cache.global_embed,
-            test_cache.patch_tokens,
-            idx,
-            clip_params,
-        )
+    args = (
+        params,
+        frozen,
+        ep_data,
+        cache_arrays,
+        test_cache.global_embed,
+        test_cache.patch_tokens,
+        idx,
+        clip_params,
     )
+    if hlo_path and b == 0:
+      _write(hlo_path, predict.lower(*args).compile().as_text())
+    out = to_host(predict(*args))
     outs.append(jax.tree.map(lambda x: x[:, :valid], out))
   merged = {}
   for field in model.Predictions._fields:

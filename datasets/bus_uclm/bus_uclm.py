@@ -56,40 +56,55 @@ Unzip it so that the manual folder looks like this:
 """
 
   def _scan(self, root: pathlib.Path):
-    images = {
-        p.stem: p
-        for p in (root / "images").iterdir()
-        if p.suffix.lower() == ".png" and not p.name.startswith(".")
-    }
-    masks = {
-        p.stem: p
-        for p in (root / "masks").iterdir()
-        if p.suffix.lower() == ".png" and not p.name.startswith(".")
-    }
-    records = []
+    image_files, ignored = builder_base.list_pngs(root / "images")
+    mask_files, ignored_masks = builder_base.list_pngs(root / "masks")
+    ignored += ignored_masks
+    # Lists per stem: X.png and X.PNG (a case-sensitive file system) must
+    # not replace each other silently. Two images with one id are reported
+    # by the base class; two masks of one image are reported here, since
+    # the label is the mask colour and could differ between them.
+    images, masks = {}, {}
+    for path in image_files:
+      images.setdefault(path.stem, []).append(path)
+    for path in mask_files:
+      masks.setdefault(path.stem, []).append(path)
+    records, problems = [], []
     for stem in sorted(images, key=builder_base.natural_key):
-      patient = stem[:4]
-      records.append(
-          builder_base.Record(
-              image_id=stem,
-              image_path=images[stem],
-              mask_paths=(masks[stem],) if stem in masks else (),
-              label=None,
-              patient_id=patient,
-              split="test" if patient.upper() in TEST_PATIENTS else "train",
+      mask_paths = masks.get(stem, [])
+      if len(mask_paths) > 1:
+        for path in mask_paths:
+          others = ", ".join(str(m) for m in mask_paths if m != path)
+          problems.append(
+              builder_base.Problem(
+                  str(path),
+                  f"{len(mask_paths)} mask files for image id {stem!r} "
+                  f"(also {others}); the label is read from the mask, so "
+                  "keep exactly one",
+              )
           )
-      )
-    problems = [
-        builder_base.Problem(
-            str(masks[stem]),
-            "mask without an image (expected "
-            f"{root / 'images' / (stem + '.png')})",
+        continue
+      patient = stem[:4]
+      for image_path in images[stem]:
+        records.append(
+            builder_base.Record(
+                image_id=stem,
+                image_path=image_path,
+                mask_paths=tuple(mask_paths),
+                label=None,
+                patient_id=patient,
+                split="test" if patient.upper() in TEST_PATIENTS else "train",
+            )
         )
-        for stem in sorted(
-            set(masks) - set(images), key=builder_base.natural_key
+    for stem in sorted(set(masks) - set(images), key=builder_base.natural_key):
+      for path in masks[stem]:
+        problems.append(
+            builder_base.Problem(
+                str(path),
+                "mask without an image (expected "
+                f"{root / 'images' / (stem + '.png')})",
+            )
         )
-    ]
-    return records, problems
+    return records, problems, ignored
 
   def _read_mask(self, record, size):
     if not record.mask_paths:

@@ -11,7 +11,6 @@ Prepare:
 Options: skip_bad, dedupe (near-duplicate removal, see docs/DATA.md).
 """
 
-import logging
 import pathlib
 import re
 
@@ -55,32 +54,34 @@ Unzip it so that the manual folder looks like this:
     records, problems, ignored = [], [], []
     for label, class_name in enumerate(builder_base.CLASS_NAMES):
       folder = root / class_name
+      pngs, skipped = builder_base.list_pngs(folder)
+      ignored.extend(skipped)
+      # Lists per stem: X.png and X.PNG (a case-sensitive file system) are
+      # two images with one id, which the base class reports; a dict of
+      # single paths would keep one of them silently.
       images, masks = {}, {}
-      for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-          continue
-        if path.suffix.lower() != ".png":
-          ignored.append(path)
-          continue
+      for path in pngs:
         match = _MASK_NAME.match(path.stem)
         if match:
           masks.setdefault(match["stem"], []).append(path)
         else:
-          images[path.stem] = path
+          images.setdefault(path.stem, []).append(path)
       for stem in sorted(images, key=builder_base.natural_key):
-        records.append(
-            builder_base.Record(
-                image_id=stem,
-                image_path=images[stem],
-                mask_paths=tuple(
-                    sorted(
-                        masks.get(stem, ()),
-                        key=lambda p: builder_base.natural_key(p.name),
-                    )
-                ),
-                label=label,
+        mask_paths = tuple(
+            sorted(
+                masks.get(stem, ()),
+                key=lambda p: builder_base.natural_key(p.name),
             )
         )
+        for image_path in images[stem]:
+          records.append(
+              builder_base.Record(
+                  image_id=stem,
+                  image_path=image_path,
+                  mask_paths=mask_paths,
+                  label=label,
+              )
+          )
       for stem in sorted(
           set(masks) - set(images), key=builder_base.natural_key
       ):
@@ -92,13 +93,7 @@ Unzip it so that the manual folder looks like this:
                   f"{folder / (stem + '.png')})",
               )
           )
-    if ignored:
-      logging.getLogger(__name__).warning(
-          "busi: ignored %d file(s) that are not PNG: %s",
-          len(ignored),
-          ", ".join(str(p) for p in ignored[:10]),
-      )
-    return records, problems
+    return records, problems, ignored
 
   def _mask_hint(self, record):
     return (
