@@ -11,9 +11,9 @@ behaviours of `data.load`:
 
 The checks live in ultraad_jax/builder_base.py and are shared, but each
 builder describes its own layout (`_scan`, `_read_mask`), so every case runs
-against every builder it applies to. Cases that show a known gap (an input
-that is dropped silently, or a message that does not say enough) are strict
-xfails: they start failing, as a reminder to drop the mark, once fixed.
+against every builder it applies to. Files that are not inputs (a JPEG, a
+.DS_Store, a sub-folder) are a third behaviour: never fatal, always logged
+and listed under "ignored" in bad_inputs.json.
 """
 
 import collections
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from ultraad_jax import builder_base
 from ultraad_jax import data
 
 SIZE = 8
@@ -358,12 +359,17 @@ def _busi_id_in_two_classes(layout, root):
 
 
 def _bra_row_twice(layout, root):
-  # The CSV lists one ID on two lines: both records point at one file.
+  # The CSV lists one ID on two lines (header line 1, rows 2-4, the repeat on
+  # line 5), with another pathology: both rows go, the repeat is named with
+  # the CSV, both lines and the ID.
   with _bra_csv(root).open("a") as f:
     f.write(f"{layout.lesion_id},malignant,5\n")
-  image = layout.image(root, layout.lesion_id)
-  words = (f"duplicate image id {layout.lesion_id!r}", "must be unique")
-  return Expected([(image, words), (image, words)], {layout.lesion_id})
+  row = f"{_bra_csv(root)} (line 5, ID {layout.lesion_id})"
+  words = (
+      f"ID {layout.lesion_id!r} listed again (first on line 2)",
+      "list each image once",
+  )
+  return Expected([(row, words)], {layout.lesion_id})
 
 
 def _image_case_twin(layout, root):
@@ -382,7 +388,14 @@ def _uclm_mask_case_twin(layout, root):
   mask = layout.mask(root, layout.lesion_id)
   twin = mask.with_suffix(".PNG")
   _write_png(twin, _colour_mask(RED))
-  return Expected([(mask, ()), (twin, ())], {layout.lesion_id})
+  words = (
+      f"2 mask files for image id {layout.lesion_id!r}",
+      "keep exactly one",
+  )
+  return Expected(
+      [(mask, words + (f"also {twin}",)), (twin, words + (f"also {mask}",))],
+      {layout.lesion_id},
+  )
 
 
 def _grey_picture_as_mask(layout, root):
@@ -390,19 +403,15 @@ def _grey_picture_as_mask(layout, root):
   # masks hold (all 798 real mask files), dozens of grey levels are not a mask.
   mask = layout.mask(root, layout.lesion_id)
   _write_png(mask, _texture(99))
-  return Expected([(mask, ("mask",))], {layout.lesion_id})
+  words = (
+      "unexpected mask values {",
+      "distinct values)",
+      "expected 0 background and 255 (or 1) lesion",
+  )
+  return Expected([(mask, words)], {layout.lesion_id})
 
 
-_SILENT_TWIN = (
-    "{builder}._scan keys files by stem, so X.PNG beside X.png replaces one"
-    " of them without a problem or a report entry"
-)
-_GREY_MASK = (
-    "_read_mask counts any nonzero pixel as lesion, so a grey-level picture"
-    " under the mask's name is accepted as a full-frame lesion"
-)
-
-# name -> (case, builders it applies to, {builder: xfail reason}).
+# name -> (case, builders it applies to).
 # Why some pairs are absent:
 # - lesion_mask_empty: BUS-UCLM reads the label from the mask, so an all-black
 #   mask is a valid normal example, not an empty lesion mask.
@@ -417,47 +426,39 @@ CASES = {
     "image_corrupt": (
         _damaged_image(_corrupt, ("corrupt or truncated image",)),
         BUILDERS,
-        {},
     ),
     "image_truncated": (
         _damaged_image(_truncate, ("corrupt or truncated image",)),
         BUILDERS,
-        {},
     ),
     "image_zero_bytes": (
         _damaged_image(_empty, ("file is empty (0 bytes)",)),
         BUILDERS,
-        {},
     ),
     "image_not_png": (
         _damaged_image(_text, ("not an image file",)),
         BUILDERS,
-        {},
     ),
     "mask_corrupt": (
         _damaged_mask(_corrupt, ("corrupt or truncated image",)),
         BUILDERS,
-        {},
     ),
     "mask_truncated": (
         _damaged_mask(_truncate, ("corrupt or truncated image",)),
         BUILDERS,
-        {},
     ),
     "mask_zero_bytes": (
         _damaged_mask(_empty, ("file is empty (0 bytes)",)),
         BUILDERS,
-        {},
     ),
     "mask_not_png": (
         _damaged_mask(_text, ("not an image file",)),
         BUILDERS,
-        {},
     ),
-    "mask_missing": (_mask_missing, BUILDERS, {}),
-    "mask_size_mismatch": (_mask_size, BUILDERS, {}),
-    "lesion_mask_empty": (_lesion_mask_empty, ("busi", "bus_bra"), {}),
-    "normal_mask_not_empty": (_normal_mask_not_empty, ("busi",), {}),
+    "mask_missing": (_mask_missing, BUILDERS),
+    "mask_size_mismatch": (_mask_size, BUILDERS),
+    "lesion_mask_empty": (_lesion_mask_empty, ("busi", "bus_bra")),
+    "normal_mask_not_empty": (_normal_mask_not_empty, ("busi",)),
     "mask_colour_blue": (
         _mask_colour(
             _colour_mask(BLUE),
@@ -467,7 +468,6 @@ CASES = {
             ),
         ),
         ("bus_uclm",),
-        {},
     ),
     "mask_colour_white": (
         _mask_colour(
@@ -475,7 +475,6 @@ CASES = {
             ("unexpected mask colours", _UCLM_COLOUR_FIX),
         ),
         ("bus_uclm",),
-        {},
     ),
     "mask_green_and_red": (
         _mask_colour(
@@ -483,41 +482,21 @@ CASES = {
             ("both green (benign, 9 px) and red", "expected one lesion class"),
         ),
         ("bus_uclm",),
-        {},
     ),
-    "duplicate_id_in_two_classes": (_busi_id_in_two_classes, ("busi",), {}),
-    "duplicate_id_csv_row": (_bra_row_twice, ("bus_bra",), {}),
-    "image_case_twin": (
-        _image_case_twin,
-        BUILDERS,
-        {b: _SILENT_TWIN.format(builder=b) for b in BUILDERS},
-    ),
-    "mask_case_twin": (
-        _uclm_mask_case_twin,
-        ("bus_uclm",),
-        {"bus_uclm": _SILENT_TWIN.format(builder="bus_uclm")},
-    ),
-    "grey_picture_as_mask": (
-        _grey_picture_as_mask,
-        ("busi", "bus_bra"),
-        {"busi": _GREY_MASK, "bus_bra": _GREY_MASK},
-    ),
+    "duplicate_id_in_two_classes": (_busi_id_in_two_classes, ("busi",)),
+    "duplicate_id_csv_row": (_bra_row_twice, ("bus_bra",)),
+    "image_case_twin": (_image_case_twin, BUILDERS),
+    "mask_case_twin": (_uclm_mask_case_twin, ("bus_uclm",)),
+    "grey_picture_as_mask": (_grey_picture_as_mask, ("busi", "bus_bra")),
 }
 
 
 def _params():
-  params = []
-  for case_name, (case, builders, known_gaps) in CASES.items():
-    for builder in builders:
-      marks = []
-      if builder in known_gaps:
-        marks.append(pytest.mark.xfail(strict=True, reason=known_gaps[builder]))
-      params.append(
-          pytest.param(
-              LAYOUTS[builder], case, id=f"{builder}-{case_name}", marks=marks
-          )
-      )
-  return params
+  return [
+      pytest.param(LAYOUTS[builder], case, id=f"{builder}-{case_name}")
+      for case_name, (case, builders) in CASES.items()
+      for builder in builders
+  ]
 
 
 def _damaged(tmp_path, layout, case):
@@ -567,6 +546,8 @@ def test_bad_input_skipped_and_reported(tmp_path, caplog, layout, case):
   assert report["skip_bad"] is True
   assert report["num_examples"] == len(source)
   assert report["num_skipped"] == len(report["skipped"])
+  # A damaged input is a skip, never an ignored entry.
+  assert report["num_ignored"] == 0 and report["ignored"] == []
   listed = collections.Counter(entry["file"] for entry in report["skipped"])
   assert listed == collections.Counter(str(path) for path, _ in expected.bad)
   problems = collections.defaultdict(list)
@@ -582,58 +563,76 @@ def test_bad_input_skipped_and_reported(tmp_path, caplog, layout, case):
 
 
 # ---------------------------------------------------------------------------
-# Known gaps outside the two behaviours above.
+# Files that are not inputs, the repeated CSV row, two-level masks.
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        pytest.param(LAYOUTS["busi"], id="busi"),
-        pytest.param(
-            LAYOUTS["bus_uclm"],
-            id="bus_uclm",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bus_uclm._scan drops non-PNG files without a word",
-            ),
-        ),
-        pytest.param(
-            LAYOUTS["bus_bra"],
-            id="bus_bra",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "bus_bra._scan drops non-PNG files under Images/ without"
-                    " a word"
-                ),
-            ),
-        ),
-    ],
-)
-def test_non_png_file_is_never_dropped_silently(tmp_path, caplog, layout):
-  # A JPEG among the images: not read, so it must at least be named, either
-  # in an error or in a warning.
+def _strays(layout, root):
+  """Writes files that are not inputs beside the images (and the masks)."""
+  folders = {layout.image(root, layout.lesion_id).parent}
+  folders.add(layout.mask(root, layout.lesion_id).parent)
+  strays = {}
+  for folder in sorted(folders):
+    jpeg = folder / "extra.jpg"
+    Image.fromarray(_texture(7)).save(jpeg, format="JPEG")
+    strays[jpeg] = "not a PNG file (suffix '.jpg')"
+    (folder / "Thumbs.db").write_bytes(b"\0" * 16)
+    strays[folder / "Thumbs.db"] = "not a PNG file (suffix '.db')"
+    (folder / ".DS_Store").write_bytes(b"\0" * 16)
+    strays[folder / ".DS_Store"] = "hidden file"
+    (folder / "old").mkdir()
+    strays[folder / "old"] = "a folder"
+  return strays
+
+
+@pytest.mark.parametrize("skip_bad", [False, True], ids=["default", "skip_bad"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=BUILDERS)
+def test_files_that_are_not_inputs_are_listed_never_fatal(
+    tmp_path, caplog, layout, skip_bad
+):
+  # A JPEG, Thumbs.db, .DS_Store and a sub-folder among the images and the
+  # masks: not read, not a reason to stop, but named in a warning and in
+  # bad_inputs.json.
   root = tmp_path / "manual" / layout.folder
   layout.write(root)
-  stray = layout.image(root, layout.lesion_id).with_name("extra.jpg")
-  Image.fromarray(_texture(7)).save(stray, format="JPEG")
-  try:
-    with caplog.at_level(logging.WARNING):
-      data.load(layout.name, data_dir=tmp_path / "tfds", manual_dir=root)
-  except data.BadInputError as e:
-    assert str(stray) in str(e)
-  else:
-    assert any(str(stray) in r.getMessage() for r in caplog.records)
+  strays = _strays(layout, root)
+  with caplog.at_level(logging.WARNING):
+    source = data.load(
+        layout.name,
+        data_dir=tmp_path / "tfds",
+        manual_dir=root,
+        skip_bad=skip_bad,
+    )["all"]
+  assert set(source.image_ids) == set(layout.image_ids)
+  report = json.loads((source.data_dir / data.BAD_INPUTS_REPORT).read_text())
+  assert report["num_skipped"] == 0 and report["skipped"] == []
+  assert report["num_ignored"] == len(strays)
+  reasons = {entry["file"]: entry["reason"] for entry in report["ignored"]}
+  assert set(reasons) == {str(path) for path in strays}
+  for path, words in strays.items():
+    assert words in reasons[str(path)], (path, reasons[str(path)])
+  warnings = [r.getMessage() for r in caplog.records]
+  ignored = [w for w in warnings if "not inputs" in w]
+  assert ignored, warnings
+  for path in strays:
+    assert any(str(path) in w for w in ignored), (path, ignored)
+  assert not any("were skipped" in w for w in warnings), warnings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a CSV row repeated: the duplicate-id problem says 'also ' with no"
-        " file and names neither the CSV nor its lines"
-    ),
-)
+def test_bus_bra_listed_image_in_another_format_says_convert(tmp_path):
+  layout = LAYOUTS["bus_bra"]
+  root = tmp_path / "manual" / layout.folder
+  layout.write(root)
+  image = layout.image(root, layout.lesion_id)
+  jpeg = image.with_suffix(".jpg")
+  Image.open(image).save(jpeg, format="JPEG")
+  image.unlink()
+  with pytest.raises(data.BadInputError) as info:
+    data.load(layout.name, data_dir=tmp_path / "tfds", manual_dir=root)
+  assert f"  {image}: listed in {_bra_csv(root)} (line 2)" in str(info.value)
+  assert f"(found {jpeg}; convert it to PNG)" in str(info.value)
+
+
 def test_bus_bra_repeated_csv_row_names_the_csv(tmp_path):
   layout = LAYOUTS["bus_bra"]
   root = tmp_path / "manual" / layout.folder
@@ -643,4 +642,39 @@ def test_bus_bra_repeated_csv_row_names_the_csv(tmp_path):
     data.load(layout.name, data_dir=tmp_path / "tfds", manual_dir=root)
   message = str(info.value)
   assert str(_bra_csv(root)) in message
+  assert "line 5" in message and "first on line 2" in message
   assert "(also )" not in message
+
+
+@pytest.mark.parametrize(
+    "values, ok",
+    [
+        ((0,), True),
+        ((0, 255), True),
+        ((0, 1), True),
+        ((0, 128), True),
+        ((0, 1, 255), True),
+        ((0, 1, 2), False),
+        ((0, 128, 255), False),
+        (tuple(range(0, 256, 16)), False),
+    ],
+)
+def test_mask_values_must_be_two_level(tmp_path, values, ok):
+  array = np.resize(np.array(values, np.uint8), (SIZE, SIZE))
+  mask = Image.fromarray(array)
+  if ok:
+    builder_base.check_mask_levels(tmp_path / "m.png", mask)
+    return
+  with pytest.raises(builder_base.FileProblem) as info:
+    builder_base.check_mask_levels(tmp_path / "m.png", mask)
+  listed = ", ".join(str(v) for v in values[:8])
+  assert f"unexpected mask values {{{listed}" in str(info.value)
+  assert str(tmp_path / "m.png") in str(info.value)
+
+
+def test_coloured_and_one_bit_masks_are_two_level(tmp_path):
+  red = np.zeros((SIZE, SIZE, 3), np.uint8)
+  red[2:5, 2:5] = (255, 0, 0)
+  builder_base.check_mask_levels(tmp_path / "m.png", Image.fromarray(red))
+  bits = Image.fromarray(_texture(3) > 100)
+  builder_base.check_mask_levels(tmp_path / "m.png", bits)

@@ -734,17 +734,17 @@ class ManualBuilder(ImageMaskBuilder, skip_registration=True):
 
   def _warn_ignored(self, ignored: Sequence[Ignored]) -> None:
     """Logs the entries that are not inputs (they never fail preparation)."""
-    listed = "; ".join(f"{i.file} ({i.reason})" for i in ignored[:_MAX_IGNORED_LOGGED])
+    listed = "; ".join(
+        f"{i.file} ({i.reason})" for i in ignored[:_MAX_IGNORED_LOGGED]
+    )
     if len(ignored) > _MAX_IGNORED_LOGGED:
       listed += f"; ... and {len(ignored) - _MAX_IGNORED_LOGGED} more"
     logger.warning(
-        "%s: ignored %d entr%s of the dataset folders that %s not inputs: "
-        "%s. They are listed under \"ignored\" in %s next to the prepared "
-        "data; remove them to silence this warning.",
+        "%s: ignored %d file(s) or folder(s) in the dataset folders that are"
+        ' not inputs: %s. They are listed under "ignored" in %s next to'
+        " the prepared data; remove them to silence this warning.",
         self.name,
         len(ignored),
-        "y" if len(ignored) == 1 else "ies",
-        "is" if len(ignored) == 1 else "are",
         listed,
         BAD_INPUTS_REPORT,
     )

@@ -77,13 +77,44 @@ Unzip it so that the manual folder looks like this:
       rows = list(reader)
 
     images_dir, masks_dir = root / "Images", root / "Masks"
-    on_disk = {
-        p.stem: p for p in images_dir.iterdir() if p.suffix.lower() == ".png"
+    image_files, ignored = builder_base.list_pngs(images_dir)
+    # Masks are looked up by name, but the folder is listed too so that a
+    # stray file there is named like one under Images/.
+    ignored += builder_base.list_pngs(masks_dir)[1]
+    # Lists per stem: X.png and X.PNG (a case-sensitive file system) become
+    # two records with one id, which the base class reports.
+    on_disk = {}
+    for path in image_files:
+      on_disk.setdefault(path.stem, []).append(path)
+    other_formats = {
+        pathlib.Path(i.file).stem: i.file
+        for i in ignored
+        if pathlib.Path(i.file).parent == images_dir
     }
-    records, problems, listed = [], [], set()
+
+    # An ID on two lines: both rows point at one file, and which Pathology
+    # is right cannot be known, so every row of that ID is dropped.
+    first_line, repeated = {}, set()
+    problems = []
     for line, row in enumerate(rows, start=2):
       image_id = (row[columns["id"]] or "").strip()
-      listed.add(image_id)
+      if image_id in first_line:
+        repeated.add(image_id)
+        problems.append(
+            builder_base.Problem(
+                f"{csv_path} (line {line}, ID {image_id})",
+                f"ID {image_id!r} listed again (first on line "
+                f"{first_line[image_id]}); list each image once",
+            )
+        )
+      else:
+        first_line[image_id] = line
+
+    records = []
+    for line, row in enumerate(rows, start=2):
+      image_id = (row[columns["id"]] or "").strip()
+      if image_id in repeated:
+        continue
       image_path = images_dir / f"{image_id}.png"
       pathology = (row[columns["pathology"]] or "").strip().lower()
       if pathology not in ("benign", "malignant"):
@@ -95,11 +126,13 @@ Unzip it so that the manual folder looks like this:
         )
         continue
       if image_id not in on_disk:
+        found = other_formats.get(image_id)
         problems.append(
             builder_base.Problem(
                 str(image_path),
                 f"listed in {csv_path} (line {line}) but the image file is "
-                "missing",
+                "missing"
+                + (f" (found {found}; convert it to PNG)" if found else ""),
             )
         )
         continue
@@ -109,27 +142,29 @@ Unzip it so that the manual folder looks like this:
       else:
         match = _ID_NUMBER.match(image_id)
         patient = match[1] if match else ""
-      records.append(
-          builder_base.Record(
-              image_id=image_id,
-              image_path=on_disk[image_id],
-              mask_paths=(mask_path,) if mask_path.exists() else (),
-              label=(
-                  builder_base.BENIGN
-                  if pathology == "benign"
-                  else builder_base.MALIGNANT
-              ),
-              patient_id=patient,
-          )
-      )
-    for stem in sorted(set(on_disk) - listed, key=builder_base.natural_key):
-      problems.append(
-          builder_base.Problem(
-              str(on_disk[stem]), f"image not listed in {csv_path}"
-          )
-      )
+      for path in on_disk[image_id]:
+        records.append(
+            builder_base.Record(
+                image_id=image_id,
+                image_path=path,
+                mask_paths=(mask_path,) if mask_path.exists() else (),
+                label=(
+                    builder_base.BENIGN
+                    if pathology == "benign"
+                    else builder_base.MALIGNANT
+                ),
+                patient_id=patient,
+            )
+        )
+    for stem in sorted(
+        set(on_disk) - set(first_line), key=builder_base.natural_key
+    ):
+      for path in on_disk[stem]:
+        problems.append(
+            builder_base.Problem(str(path), f"image not listed in {csv_path}")
+        )
     records.sort(key=lambda r: builder_base.natural_key(r.image_id))
-    return records, problems
+    return records, problems, ignored
 
   def _mask_hint(self, record):
     name = f"mask_{record.image_id.removeprefix('bus_')}.png"
