@@ -123,6 +123,7 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
   ):
     assert math.isfinite(bb[key]) and bb[key] > 0, key
   assert bb["mfu"] == pytest.approx(bb["jax_gflops"] / 100)
+  assert bb["torch_share_of_peak"] == pytest.approx(bb["torch_gflops"] / 100)
   # Same weights, same work: the PyTorch twin reproduces JAX's features.
   assert bb["max_abs_diff_torch_vs_jax"] < 1e-4
   # XLA's FLOP count agrees with the hand count of the matmuls.
