@@ -38,7 +38,6 @@ f32 time with XLA's default flags is measured in a child process.
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -841,11 +840,9 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
 
   state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32)}
   key = jax.random.key(seed + 1)
-  step_kwargs = dict(tx=tx, cfg=cfg, backbone=backbone)
-  if "batch_size" in inspect.signature(train.train_step).parameters:
-    step_kwargs["batch_size"] = 0  # the whole support set every step
   step_fn = jax.jit(
-      functools.partial(train.train_step, **step_kwargs), donate_argnums=(0,)
+      functools.partial(train.train_step, tx=tx, cfg=cfg, backbone=backbone),
+      donate_argnums=(0,),
   )
   start = time.perf_counter()
   step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
