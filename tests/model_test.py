@@ -392,6 +392,26 @@ def test_minibatch_draw_depends_on_rng(ep):
   assert len({run(k) for k in range(4)}) > 1
 
 
+def test_low_resolution_map_loss(ep):
+  """loss_map_size trains on downsampled maps and soft masks; still learns."""
+  bb, sup = ep["bb"], ep["support"]
+  cfg = model.ModelConfig(layers=LAYERS, loss_map_size=2 * bb.grid_size)
+  fns = _fns(cfg, bb)
+  params = fns["init"](jax.random.key(0), sup)
+  state = fns["frozen"](sup)
+  loss, aux = fns["loss"](params, state, sup, jax.random.key(0),
+                          clip_params=bb.params)  # fmt: skip
+  assert np.isfinite(float(loss))
+  full = _fns(CFG, bb)["loss"](params, state, sup, jax.random.key(0),
+                               clip_params=bb.params)[1]  # fmt: skip
+  # Same parameters, other loss resolution: the map terms differ, the
+  # class terms (no maps involved) do not.
+  assert float(aux["focal"]) != float(full["focal"])
+  np.testing.assert_allclose(float(aux["ce"]), float(full["ce"]), rtol=1e-6)
+  with pytest.raises(ValueError, match="loss_map_size"):
+    model.ModelConfig(layers=LAYERS, loss_map_size=-1)
+
+
 def test_episode_axis_vmaps(ep):
   """What the engine does: stack episodes, vmap, frozen params broadcast."""
   bb, sup, query = ep["bb"], ep["support"], ep["query"]

@@ -118,6 +118,10 @@ class ModelConfig:
   loss_ce: float = 1.0
   focal_gamma: float = 2.0
   map_loss: str = "per_layer"
+  # Side of the maps the map losses are computed on (0: the image size).
+  # Smaller sides (e.g. 2x the patch grid) train on area-downsampled, soft
+  # masks and remove most of the training step's memory traffic.
+  loss_map_size: int = 0
   train_batch_size: int = 0
   # linear_probe baseline: fixed full-batch Adam schedule.
   probe_steps: int = 300
@@ -184,6 +188,7 @@ class ModelConfig:
     for name in ("ctx_init_std", "init_scale", "smoothing_sigma", "bank_beta",
                  "bank_lambda", "loss_focal", "loss_dice", "loss_bce",
                  "loss_ce", "focal_gamma", "train_batch_size", "probe_l2",
+                 "loss_map_size",
                  "score_global_weight", "score_bank_weight"):  # fmt: skip
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
@@ -493,8 +498,11 @@ def frozen(cfg: ModelConfig, backbone, clip_params, support: Support):
 
 
 def _forward(params, state, global_embed, patch_tokens, exclude, *, cfg,
-             backbone, clip_params):  # fmt: skip
-  """Shared by predict and loss_fn: logits before any reduction."""
+             backbone, clip_params, map_size=None):  # fmt: skip
+  """Shared by predict and loss_fn: logits before any reduction.
+
+  map_size is the side of the returned layer logits (default: image size).
+  """
   sg = jax.lax.stop_gradient
   clip_params, state = sg(clip_params), sg(state)
   g = sg(global_embed).astype(jnp.float32)
@@ -511,7 +519,8 @@ def _forward(params, state, global_embed, patch_tokens, exclude, *, cfg,
   x = fusion.apply(params.get("fusion", {}), x, text, mode=cfg.fusion,
                    temperature=cfg.temperature)  # fmt: skip
   layer_logits = maps.upsample(
-      maps.text_logits(x, text, cfg.temperature), backbone.image_size
+      maps.text_logits(x, text, cfg.temperature),
+      map_size or backbone.image_size,
   )  # [L, B, H, W]
   cos = jnp.einsum("bd,bcd->bc", maps.l2_normalize(g), text)
   global_logit = (cos[:, 1] - cos[:, 0]) / cfg.temperature
@@ -641,13 +650,17 @@ def loss_fn(params, frozen_state, support: Support, rng, *, cfg: ModelConfig,
     support = _take(support, idx)
   b = support.labels.shape[0]
   exclude = support.group[:, None] == frozen_state["bank_group"][None, :]
+  size = cfg.loss_map_size or backbone.image_size
   out = _forward(params, frozen_state, support.global_embed,
                  support.patch_tokens, exclude, cfg=cfg, backbone=backbone,
-                 clip_params=clip_params)  # fmt: skip
+                 clip_params=clip_params, map_size=size)  # fmt: skip
 
   sg = jax.lax.stop_gradient
   labels = sg(support.labels).astype(jnp.int32)
   masks = sg(support.masks).astype(jnp.float32)
+  if size != masks.shape[-1]:
+    # Area-averaged (antialiased) masks: soft targets in [0, 1].
+    masks = jax.image.resize(masks, (masks.shape[0], size, size), "linear")
   has_mask = (
       jnp.ones((b,), jnp.float32)
       if support.mask_valid is None
