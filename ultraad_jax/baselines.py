@@ -234,8 +234,21 @@ def linear_probe(
   p = linear_probe_fit(
       support_global, support_labels, steps=steps, lr=lr, l2=l2
   )
-  x = _standardise(query_global, p["mean"], p["std"])
-  probs = jax.nn.softmax(x @ p["w"] + p["b"], axis=-1)
+  return linear_probe_apply(p, query_global)
+
+
+def linear_probe_apply(probe, query_global: jax.Array):
+  """Applies a fitted probe (linear_probe_fit) to query embeddings.
+
+  Args:
+    probe: the dict returned by linear_probe_fit.
+    query_global: [B, D].
+
+  Returns:
+    (class probabilities [B, 3], image scores [B] = 1 - P(normal)).
+  """
+  x = _standardise(query_global, probe["mean"], probe["std"])
+  probs = jax.nn.softmax(x @ probe["w"] + probe["b"], axis=-1)
   return probs, 1.0 - probs[:, 0]
 
 

@@ -445,9 +445,9 @@ def frozen(cfg: ModelConfig, backbone, clip_params, support: Support):
     {"prompt_embeds" [2, S, W], "prompt_eot" [2], "bank_text" [S', D] (Pt),
     "bank_labels" [S', 3] (Lt), "bank_group" [S'], "memory" [L, S', N, D]
     (normalised support patch tokens), "memory_normal" [S'] bool,
-    "zs_text" [2, D], "zs_class_text" [3, D], "support_global" [S', D]
-    (for the linear probe), "center_prior" [H, W], "class_prior" [3], and
-    "bank_image" [S', D] when Ft is frozen}.
+    "zs_text" [2, D], "zs_class_text" [3, D], "probe" (the linear_probe
+    baseline, fitted once here), "center_prior" [H, W], "class_prior" [3],
+    and "bank_image" [S', D] when Ft is frozen}.
 
   Raises:
     ValueError: bad shapes, or (with concrete arrays) map losses on while no
@@ -481,8 +481,18 @@ def frozen(cfg: ModelConfig, backbone, clip_params, support: Support):
       "memory_normal": labels == 0,
       "zs_text": zs_text,
       "zs_class_text": zs_class_text,
-      "support_global": sg(support.global_embed.astype(jnp.float32)),
       "center_prior": sg(prior[0]),
+      # The linear_probe baseline is fitted once per episode, here, rather
+      # than once per query batch.
+      "probe": sg(
+          baselines.linear_probe_fit(
+              support.global_embed,
+              labels,
+              steps=cfg.probe_steps,
+              lr=cfg.probe_lr,
+              l2=cfg.probe_l2,
+          )
+      ),
       "class_prior": jnp.mean(onehot, axis=0),
   }
   if not cfg.bank_train_ft:
@@ -767,11 +777,7 @@ def baseline_predictions(name: str, *, cfg: ModelConfig, backbone,
     )  # fmt: skip
     return Predictions(m, s, None)
   if name == "linear_probe":
-    c, s = baselines.linear_probe(
-        sg(query.global_embed), state["support_global"],
-        jnp.argmax(state["bank_labels"], -1), steps=cfg.probe_steps,
-        lr=cfg.probe_lr, l2=cfg.probe_l2,
-    )  # fmt: skip
+    c, s = baselines.linear_probe_apply(state["probe"], sg(query.global_embed))
     return Predictions(None, s, c)
   if name == "center_prior":
     m = jnp.broadcast_to(state["center_prior"], (b, h, h))
