@@ -12,9 +12,6 @@ compiled, so a typo in a command line fails at once with the key's name.
 
 import ml_collections
 
-# The baselines every run evaluates on the same episodes (model issue).
-BASELINES = ("zero_shot", "patch_memory", "linear_probe", "center_prior")
-
 
 def parse_arg(arg, **defaults):
   """Parses `a=1,b=x,flag` into a ConfigDict, typed by the given defaults.
@@ -195,7 +192,10 @@ def get_base_config():
   # ---- Evaluation -------------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # query images per compiled eval call
-  c.eval.baselines = BASELINES
+  # Every baseline, evaluated on the same episodes as the model.
+  from ultraad_jax import baselines  # pylint: disable=g-import-not-at-top
+
+  c.eval.baselines = baselines.NAMES
   c.eval.num_overlays = 3  # query images per class in the overlay figure
   # Host memory for the maps held at once (episodes are evaluated in chunks
   # of whole episodes that fit; exact pixel metrics need all of an episode).

@@ -14,8 +14,12 @@ import os
 
 import jax
 
-SETTINGS = ("per_class", "normal_only")
-BASELINES = ("zero_shot", "patch_memory", "linear_probe", "center_prior")
+from ultraad_jax import baselines
+from ultraad_jax import episodes
+
+# The single sources of truth for the allowed values.
+SETTINGS = tuple(episodes.SETTINGS)
+BASELINES = baselines.NAMES
 # Keys that do not change what is trained; a resumed run may differ in them.
 _NON_TRAINING_KEYS = (
     "mode",

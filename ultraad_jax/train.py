@@ -804,9 +804,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   per_method = {m: [] for m in methods}
   examples = {}
   for method in methods:
-    predict = _make_predict(
-        method, config=config, cfg=cfg, backbone=backbone, mesh=mesh
-    )
+    predict = _make_predict(method, cfg=cfg, backbone=backbone, mesh=mesh)
     for start in range(0, num_episodes, chunk):
       part = slice(start, start + chunk)
       preds = _predict_all(
@@ -1024,13 +1022,12 @@ def _episode_chunk(num_episodes, episode_axis, test_shape, budget_gb):
   return max(fitting) if fitting else sizes[0]
 
 
-def _make_predict(method, *, config, cfg, backbone, mesh):
+def _make_predict(method, *, cfg, backbone, mesh):
   """The jitted predict step of one method (one compile per method).
 
   The query batch is gathered from the test cache inside the program and
   sharded over the mesh's "data" axis; episodes over its "episode" axis.
   """
-  del config
 
   def step(
       params, frozen, ep_data, cache_arrays, test_g, test_p, idx, clip_params
