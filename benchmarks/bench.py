@@ -14,9 +14,11 @@ excluded, the contenders' repeats interleaved, and medians with their spread:
 2. Few-shot sweep: E episodes of the UltraAD head trained for the same number
    of steps by this project's engine (feature cache + episode-vmapped jitted
    `train.train_step`) against a peer-style PyTorch loop (per episode and
-   step: a frozen backbone forward on the support batch, then an Adam update
-   of a per-layer adapter + text-similarity map head with focal + dice loss,
-   as MVFA and MediCLIP train).
+   step: a frozen backbone forward on the support batch, then an AdamW update
+   of the same UltraAD head with the same loss, `peer_ultraad.loss_fn`, from
+   the same initial parameters, as MVFA and MediCLIP train their heads).
+   `--peer_head mvfa` gives the peer the lighter MVFA-style head instead
+   (adapters + fixed text features, focal + dice).
 3. Evaluation: pixel AUROC / AP over N query maps, `ultraad_jax.metrics`
    against scikit-learn on the flattened arrays: seconds and peak memory.
 
@@ -249,6 +251,7 @@ def machine_info():
       "python": platform.python_version(),
       "versions": versions,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in devices],
   }
@@ -777,14 +780,35 @@ def draw_supports(labels, num_episodes, shots, seed=0):
   ])  # fmt: skip
 
 
-def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
+def description_embeds(num_episodes, support_size, dim, seed=0):
+  """Random description embeddings (Pt) of every episode's support rows.
+
+  Their values do not change the work, so both sides train on these rather
+  than on encoded descriptions.
+
+  Args:
+    num_episodes: E.
+    support_size: S.
+    dim: D.
+    seed: random seed.
+
+  Returns:
+    [E, S, D] float32.
+  """
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal((num_episodes, support_size, dim)).astype(
+      np.float32
+  )
+
+
+def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
+               text_embed=None, return_init=False):  # fmt: skip
   """Trains E episodes with the project's engine; returns timings.
 
   Inputs are built as `train.train_and_evaluate` builds them (cache rows,
   `train.gather_support`, `model.init` / `model.frozen` vmapped over
   episodes, `train.make_optimizer` with the base config's schedule), on one
-  device without a mesh. Description embeddings are random (their values do
-  not change the work).
+  device without a mesh.
 
   Args:
     backbone: the clip.Backbone the cache was built with.
@@ -794,28 +818,32 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
     labels: [n] pool labels.
     steps: timed training steps.
     seed: random seed.
+    text_embed: [E, S, D] description embeddings (default:
+      `description_embeds(E, S, D, seed)`).
+    return_init: also return the episodes' initial parameters.
 
   Returns:
     A dict: init and step compile seconds, `init_s` and `train_s` (timed,
-    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step, final
-    mean loss.
+    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step, the
+    last step's loss (mean over episodes, and episode 0's). With
+    return_init, (that dict, the initial parameters as a host pytree of
+    numpy arrays stacked over episodes), copied after the timed
+    initialisation and before the timed steps.
   """
   num_episodes, s = supports.shape
-  rng = np.random.default_rng(seed)
+  if text_embed is None:
+    text_embed = description_embeds(num_episodes, s, backbone.embed_dim, seed)
   ep_data = jax.device_put({
       "rows": cache.rows[supports, 0].astype(np.int32),
       "labels": labels[supports].astype(np.int32),
       "group": np.broadcast_to(np.arange(s, dtype=np.int32),
                                (num_episodes, s)).copy(),
-      "text_embed": rng.standard_normal(
-          (num_episodes, s, backbone.embed_dim)).astype(np.float32),
+      "text_embed": np.asarray(text_embed, np.float32),
   })  # fmt: skip
   cache_arrays = (cache.global_embed, cache.patch_tokens,
                   jax.device_put(cache.masks))  # fmt: skip
   clip_params = jax.device_put(backbone.params)
-  tc = common.get_base_config().train
-  tc.steps = steps
-  tx = train.make_optimizer(tc)
+  tx = train.make_optimizer(sweep_train_config(steps))
 
   def init_all(keys, ep_data, cache_arrays, clip_params):
     def one(key, ep):
@@ -837,12 +865,16 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
       init_c(keys, ep_data, cache_arrays, clip_params)
   )
   out["init_s"] = time.perf_counter() - start
+  # np.array copies: the step donates (and deletes) these buffers.
+  init_params = jax.tree.map(np.array, params) if return_init else None
 
   state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32)}
   key = jax.random.key(seed + 1)
   step_fn = jax.jit(
       functools.partial(train.train_step, tx=tx, cfg=cfg, backbone=backbone),
       donate_argnums=(0,),
+      # The engine's per-program XLA options (ultraad_jax/xla_env.py).
+      compiler_options=train.head_compiler_options(ep_data, cache_arrays),
   )
   start = time.perf_counter()
   step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
@@ -856,19 +888,51 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0):
   jax.block_until_ready((state, step_metrics))
   out["train_s"] = time.perf_counter() - start
   out["jax_s"] = out["init_s"] + out["train_s"]
-  out["final_loss"] = float(np.mean(jax.device_get(step_metrics["loss"])))
-  return out
+  final = np.asarray(jax.device_get(step_metrics["loss"]))
+  out["final_loss"] = float(np.mean(final))
+  out["final_loss_episode0"] = float(final[0])
+  return (out, init_params) if return_init else out
+
+
+def sweep_train_config(steps):
+  """The base config's optimiser settings with `steps` steps (both sides)."""
+  tc = common.get_base_config().train
+  tc.steps = steps
+  return tc
+
+
+def learning_rates(tc):
+  """The learning rate of each step, as `train.make_optimizer` schedules it.
+
+  Args:
+    tc: the train config (steps, learning_rate, warmup_steps).
+
+  Returns:
+    [steps] float64 rates (optax's warmup-cosine schedule, evaluated once on
+    the host so that the PyTorch peer follows the same one).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=tc.learning_rate,
+      warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
+      decay_steps=max(tc.steps, 1),
+  )
+  # One jitted call rather than a dozen eager ops (each a compilation).
+  rates = jax.jit(schedule)(jnp.arange(tc.steps))
+  return np.asarray(jax.device_get(rates), np.float64)
 
 
 def peer_loss(w1, b1, w2, b2, tokens, text, masks, gamma=2.0):
-  """The peer-style head's loss on one support batch (PyTorch).
+  """The MVFA-style head's loss on one support batch (PyTorch).
 
-  Per tapped layer: a bottleneck adapter mixed into the tokens (0.8 x +
-  0.2 adapter(x), as MVFA's), cosine similarity to the [normal, abnormal]
-  text features, a softmax at temperature 0.01, bilinear upsampling of the
-  abnormal probability to the image size, focal + dice loss against the
-  masks. The layers' adapters are stacked so that one batched matmul serves
-  them all.
+  The lighter head of `--peer_head mvfa`. Per tapped layer: a bottleneck
+  adapter mixed into the tokens (0.8 x + 0.2 adapter(x), as MVFA's), cosine
+  similarity to the [normal, abnormal] text features, a softmax at
+  temperature 0.01, bilinear upsampling of the abnormal probability to the
+  image size, focal + dice loss against the masks. The layers' adapters are
+  stacked so that one batched matmul serves them all.
 
   Args:
     w1: [L, D, R] first adapter weights; b1 [L, R].
@@ -907,41 +971,216 @@ def peer_loss(w1, b1, w2, b2, tokens, text, masks, gamma=2.0):
   return focal + dice.mean()
 
 
+PEER_HEADS = ("ultraad", "mvfa")
+
+
 class TorchPeer:
   """The peer-style PyTorch few-shot loop, made as fast as a user would.
 
   Frozen CLIP image tower: the same weights as the JAX backbone,
   `torch.compile` with freezing, run under `torch.no_grad` on the whole
-  support batch at once. Head: `peer_loss` (optionally `torch.compile`d,
-  forward and backward), fused Adam. Threads = cores. Images are already
+  support batch at once, every step (the peers' loop). Images are already
   normalised tensors in memory (no data loading or augmentation is timed).
+  Threads = cores unless told otherwise.
+
+  Heads:
+  * "ultraad": the project's head and loss (`peer_ultraad.loss_fn`, equal
+    to `model.loss_fn`), from the JAX side's `model.init` values, trained
+    with `train.make_optimizer`'s recipe: global-norm clipping, then fused
+    AdamW on the same warmup-cosine learning rates.
+  * "mvfa": `peer_loss`, fused Adam.
+  The head's loss is `torch.compile`d (forward and backward) when
+  compile_head is set.
+
+  `split` accumulates the time of the episodes' phases since the last
+  `reset_split()`: "init_s" (backbone forward for the bank, buffers and
+  optimiser), "backbone_s" (the per-step forwards), "head_s" (loss,
+  backward, clipping and optimiser step), and "steps". On a GPU the clock
+  synchronises the device between phases (two syncs a step).
   """
 
-  def __init__(self, backbone, layers, images, masks, *, device="cpu",
-               compile_backbone=True, compile_head=True,
-               reduction=4):  # fmt: skip
+  def __init__(self, backbone, layers, images, masks, labels=None, *,
+               cfg=None, head="ultraad", device="cpu", compile_backbone=True,
+               compile_head=True, reduction=4, threads=0):  # fmt: skip
+    """Builds the peer.
+
+    Args:
+      backbone: the clip.Backbone whose weights the peer copies.
+      layers: tapped blocks.
+      images: [n, H, W, 3] uint8 pool.
+      masks: [n, H, W] uint8 masks.
+      labels: [n] pool labels (needed by the "ultraad" head).
+      cfg: model.ModelConfig ("ultraad" head).
+      head: one of PEER_HEADS.
+      device: the torch device.
+      compile_backbone: torch.compile the image tower (with freezing).
+      compile_head: torch.compile the head's loss.
+      reduction: the "mvfa" adapters' hidden width is D // reduction.
+      threads: PyTorch's intra-op threads (0: one per core).
+
+    Raises:
+      ValueError: an unknown head, a missing cfg / labels, or a model config
+        the PyTorch UltraAD head does not implement (naming the key).
+    """
     import torch  # pylint: disable=g-import-not-at-top
 
-    torch.set_num_threads(num_cores())
+    import peer_ultraad  # pylint: disable=g-import-not-at-top
+
+    if head not in PEER_HEADS:
+      raise ValueError(f"peer head {head!r}; expected one of {PEER_HEADS}.")
+    torch.set_num_threads(threads or num_cores())
     self.torch = torch
+    self.pu = peer_ultraad
+    self.head = head
     self.device = device
     self.dim = backbone.embed_dim
     self.num_layers = len(layers)
     self.rank = max(1, self.dim // reduction)
-    self.encoder = torch_image_encoder(torch_clip(backbone, device), layers)
+    self.image_size = backbone.image_size
+    pt_model = torch_clip(backbone, device)
+    self.encoder = torch_image_encoder(pt_model, layers)
     if compile_backbone:
       self.encoder = compile_torch(self.encoder)
     pixels = np.ascontiguousarray(clip.normalize(images).transpose(0, 3, 1, 2))
     self.pixels = torch.from_numpy(pixels).to(device)
     self.masks = torch.from_numpy(masks.astype(np.float32)).to(device)
-    self.loss = torch.compile(peer_loss, dynamic=False) if compile_head else (
-        peer_loss)  # fmt: skip
+    self.reset_split()
+    self._rates = {}
+    # The optimiser's settings (read here: building a config is not timed).
+    self.train_config = sweep_train_config(1)
+    if head == "mvfa":
+      loss = peer_loss
+    else:
+      if cfg is None or labels is None:
+        raise ValueError("The 'ultraad' peer head needs cfg and labels.")
+      self.pu.check_config(cfg, image_size=backbone.image_size)
+      self.cfg = cfg
+      self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64,
+                                    device=device)  # fmt: skip
+      self.tower = self.pu.TextTower(pt_model)
+      # Per-config constants, built once as a peer builds its prompts.
+      self.prompt = self.pu.prompt_buffers(cfg, backbone, self.tower)
+      loss = functools.partial(self.pu.loss_fn, cfg=cfg,
+                               tower=self.tower,
+                               image_size=backbone.image_size)  # fmt: skip
+    self.loss = torch.compile(loss, dynamic=False) if compile_head else loss
 
-  def episode(self, support, steps, seed=0):
-    """Trains one episode's head for `steps` steps; returns the last loss."""
+  def reset_split(self):
+    """Zeroes the per-phase time accumulators (`split`)."""
+    self.split = {"init_s": 0.0, "backbone_s": 0.0, "head_s": 0.0, "steps": 0}
+
+  def _clock(self):
+    _torch_sync(self.device)
+    return time.perf_counter()
+
+  def prepare(self, init_params, text_embed, steps):
+    """Converts one episode's JAX-side inputs to tensors (not timed).
+
+    Args:
+      init_params: the episode's `model.init` pytree (numpy or JAX).
+      text_embed: [S, D] its description embeddings.
+      steps: the training steps the episode will run (its learning rates).
+
+    Returns:
+      What `episode(..., prepared=)` takes.
+    """
+    torch = self.torch
+    if steps not in self._rates:
+      # optax's own schedule, evaluated once per step count: the same rates
+      # as the engine's, without timing eager JAX calls in the episodes.
+      self._rates[steps] = learning_rates(sweep_train_config(steps)).tolist()
+    return {
+        "params": self.pu.params_from_jax(init_params, self.device),
+        "text_embed": torch.as_tensor(np.array(text_embed), device=self.device),
+        "rates": self._rates[steps],
+    }
+
+  def episode(self, support, steps, seed=0, prepared=None):
+    """Trains one episode's head for `steps` steps; returns the last loss.
+
+    Args:
+      support: [S] pool indices of the support images.
+      steps: training steps.
+      seed: random seed ("mvfa" head initialisation).
+      prepared: from `prepare` ("ultraad" head; required there). Its
+        parameters are trained in place.
+
+    Returns:
+      The final loss (float).
+    """
+    if self.head == "mvfa":
+      return self._episode_mvfa(support, steps, seed)
+    if prepared is None:
+      raise ValueError("The 'ultraad' peer head needs prepare()'s output.")
+    return self._episode_ultraad(support, steps, prepared)
+
+  def _episode_ultraad(self, support, steps, prepared):
+    torch = self.torch
+    idx = torch.as_tensor(np.asarray(support), device=self.device)
+    t0 = self._clock()
+    x, m, labels = self.pixels[idx], self.masks[idx], self.labels[idx]
+    group = torch.arange(len(idx), device=self.device)
+    params = prepared["params"]
+    # The bank's image entries (Ft) start at the support's normalised global
+    # embeddings, as in model.init; a peer gets them from a forward pass.
+    with torch.no_grad():
+      g, _, _ = self.encoder(x)
+      params["bank_image"] = self.pu.l2_normalize(g.float()).clone()
+    params["bank_image"].requires_grad_()
+    buffers = {
+        **self.prompt,
+        **self.pu.bank_buffers(labels, group, prepared["text_embed"]),
+    }
+    weights = self.pu.leaves(params)
+    tc = self.train_config
+    rates = prepared["rates"]
+    if len(rates) != steps:
+      raise ValueError(
+          f"prepare() was given steps={len(rates)}, episode() steps={steps}."
+      )
+    opt = torch.optim.AdamW(weights, lr=0.0, betas=(tc.b1, tc.b2),
+                            weight_decay=tc.weight_decay,
+                            fused=True)  # fmt: skip
+    t1 = self._clock()
+    self.split["init_s"] += t1 - t0
+
+    def head_step(step, g, tokens):
+      support_t = self.pu.Support(g, tokens, m, labels, group)
+      loss, _ = self.loss(params, buffers, support_t)
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(weights, tc.grad_clip, foreach=True)
+      opt.param_groups[0]["lr"] = rates[step]
+      opt.step()
+      return loss
+
+    return self._timed_steps(x, steps, t1, head_step)
+
+  def _timed_steps(self, x, steps, t1, head_step):
+    """Per step: the backbone on the support (no_grad), then `head_step`.
+
+    Accumulates the two phases' times into `split` (t1: the clock at the
+    start of the first step) and returns the last loss.
+    """
+    loss = None
+    for step in range(steps):
+      with self.torch.no_grad():
+        g, tokens, _ = self.encoder(x)
+      t2 = self._clock()
+      loss = head_step(step, g, tokens)
+      t3 = self._clock()
+      self.split["backbone_s"] += t2 - t1
+      self.split["head_s"] += t3 - t2
+      t1 = t3
+    self.split["steps"] += steps
+    return float(loss.detach())
+
+  def _episode_mvfa(self, support, steps, seed):
     torch = self.torch
     gen = torch.Generator().manual_seed(seed)
     l, d, r = self.num_layers, self.dim, self.rank
+    t0 = self._clock()
 
     def weight(*shape, fan_in):
       w = torch.randn(*shape, generator=gen) / math.sqrt(fan_in)
@@ -959,16 +1198,18 @@ class TorchPeer:
     opt = torch.optim.Adam(weights, lr=1e-3, fused=True)
     idx = torch.as_tensor(np.asarray(support), device=self.device)
     x, m = self.pixels[idx], self.masks[idx]
-    loss = None
-    for _ in range(steps):
-      with torch.no_grad():
-        _, tokens, _ = self.encoder(x)
+    t1 = self._clock()
+    self.split["init_s"] += t1 - t0
+
+    def head_step(_, g, tokens):
+      del g  # The MVFA-style head uses the patch tokens only.
       loss = self.loss(*weights, tokens, text, m)
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
-    _torch_sync(self.device)
-    return float(loss.detach())
+      return loss
+
+    return self._timed_steps(x, steps, t1, head_step)
 
 
 def bench_sweep(
@@ -982,6 +1223,8 @@ def bench_sweep(
     torch_device="cpu",
     torch_compile=True,
     compile_head=True,
+    peer_head="ultraad",
+    torch_threads=0,
     with_torch=True,
     seed=0,
 ):
@@ -1001,13 +1244,21 @@ def bench_sweep(
     torch_device: "cpu" or "cuda".
     torch_compile: torch.compile the peer's backbone (off only in tests).
     compile_head: torch.compile the peer's head loss.
+    peer_head: the head the peer trains, one of PEER_HEADS ("ultraad": the
+      same head and loss as the engine; "mvfa": a lighter peer's).
+    torch_threads: the peer's PyTorch threads (0: one per core).
     with_torch: run the peer.
     seed: random seed.
 
   Returns:
     A dict with the settings, the one-off feature extraction time, and per
-    E (as a string key) jax_s, torch_s, speedup and per-episode times.
+    E (as a string key) jax_s, torch_s, speedup, per-episode times and the
+    peer's per-step split (backbone forward vs head update).
   """
+  if peer_head not in PEER_HEADS:
+    raise ValueError(
+        f"--peer_head {peer_head!r}; expected one of {PEER_HEADS}."
+    )
   backbone = make_backbone(model_name, seed=seed)
   layers = tapped_layers(backbone.num_layers)
   cfg = model.ModelConfig.from_dict(
@@ -1024,6 +1275,7 @@ def bench_sweep(
       "pool": pool,
       "fusion": cfg.fusion,
       "prompt_mode": cfg.prompt_mode,
+      "peer_head": peer_head if with_torch else None,
   }
   start = time.perf_counter()
   cache = features.build(
@@ -1039,33 +1291,76 @@ def bench_sweep(
   )
   peer = None
   if with_torch:
+    out["torch_note"] = (
+        "per episode: one backbone forward of the support (the bank's Ft) "
+        "and buffers, then per step a no_grad backbone forward and the "
+        "head's update. "
+        + ("Head: peer_ultraad.loss_fn (= model.loss_fn) from the JAX side's "
+           "model.init values (Ft from the peer's own forward); converting "
+           "them from JAX arrays is not timed. Optimiser: global-norm "
+           "clipping + fused AdamW on train.make_optimizer's schedule."
+           if peer_head == "ultraad" else
+           "Head: the MVFA-style peer_loss (adapters + fixed text features, "
+           "focal + dice), fused Adam.")
+    )  # fmt: skip
     start = time.perf_counter()
     peer = TorchPeer(
         backbone,
         layers,
         images,
         masks,
+        labels,
+        cfg=cfg,
+        head=peer_head,
         device=torch_device,
         compile_backbone=torch_compile,
         compile_head=compile_head and torch_compile,
+        threads=torch_threads,
     )
-    # Warm-up: compiles the backbone (and head) for the support shape.
-    peer.episode(draw_supports(labels, 1, shots, seed + 7)[0], 2)
+    out["torch_threads"] = peer.torch.get_num_threads()
     out["torch_warmup_s"] = time.perf_counter() - start
   for num in episodes:
     supports = draw_supports(labels, num, shots, seed + num)
-    row = jax_engine(backbone, cfg, cache, supports, labels, steps, seed)
+    text_embed = description_embeds(num, 3 * shots, backbone.embed_dim,
+                                    seed + num)  # fmt: skip
+    row, init = jax_engine(backbone, cfg, cache, supports, labels, steps,
+                           seed, text_embed=text_embed,
+                           return_init=True)  # fmt: skip
     if peer is not None:
       run = min(num, torch_max_episodes)
+      # Not timed: JAX arrays -> tensors (a peer would initialise in torch).
+      prepare = lambda e, n: (
+          peer.prepare(jax.tree.map(lambda x: x[e], init), text_embed[e], n)
+          if peer_head == "ultraad" else None
+      )  # fmt: skip
+      if num == episodes[0]:
+        # Warm-up: compiles the backbone and the head for the support shape.
+        start = time.perf_counter()
+        peer.episode(supports[0], 2, seed, prepare(0, 2))
+        out["torch_warmup_s"] += time.perf_counter() - start
+      prepared = [prepare(e, steps) for e in range(run)]
+      peer.reset_split()
       start = time.perf_counter()
-      for e in range(run):
-        row["torch_final_loss"] = peer.episode(supports[e], steps, seed + e)
+      losses = [
+          peer.episode(supports[e], steps, seed + e, prepared[e])
+          for e in range(run)
+      ]
       measured = time.perf_counter() - start
+      row["torch_final_loss"] = float(np.mean(losses))
+      # With the UltraAD head, the same episode's loss as the engine's.
+      row["torch_final_loss_episode0"] = losses[0]
       row["torch_episodes_run"] = run
       row["torch_extrapolated"] = run < num
       row["torch_s"] = measured * num / run
       row["speedup"] = row["torch_s"] / row["jax_s"]
       row["torch_s_per_episode"] = row["torch_s"] / num
+      split = peer.split
+      row["torch_init_s_per_episode"] = split["init_s"] / run
+      if split["steps"]:
+        row["torch_backbone_ms_per_step"] = (
+            1e3 * split["backbone_s"] / split["steps"]
+        )
+        row["torch_head_ms_per_step"] = 1e3 * split["head_s"] / split["steps"]
     row["jax_s_per_episode"] = row["jax_s"] / num
     out[str(num)] = row
     logging_line = (
@@ -1500,6 +1795,20 @@ def parse_args(argv=None):
       default=True,
       help="torch.compile the peer head's loss (forward+backward)",
   )
+  p.add_argument(
+      "--peer_head",
+      choices=PEER_HEADS,
+      default="ultraad",
+      help="the head the sweep's PyTorch peer trains: ultraad (the same "
+      "head and loss as the engine) or mvfa (a lighter MVFA-style head)",
+  )
+  p.add_argument(
+      "--peer_threads",
+      type=int,
+      default=0,
+      help="PyTorch threads of the sweep's peer (0: one per core). Under "
+      "contention, 2 threads on 2 cores stall at every op's barrier",
+  )
   p.add_argument("--metrics_maps", type=int)
   p.add_argument("--metrics_size", type=int)
   p.add_argument("--metrics_repeats", type=int)
@@ -1568,9 +1877,15 @@ def _print_summary(results):
       line = f"sweep E={key}: JAX {row['jax_s']:.2f} s"
       if "torch_s" in row:
         line += (
-            f", peer {row['torch_s']:.2f} s"
+            f", peer ({sweep['peer_head']} head) {row['torch_s']:.2f} s"
             f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
             f", speedup x{row['speedup']:.1f}"
+        )
+      if "torch_head_ms_per_step" in row:
+        line += (
+            f"; peer per step: backbone "
+            f"{row['torch_backbone_ms_per_step']:.1f} ms, head "
+            f"{row['torch_head_ms_per_step']:.1f} ms"
         )
       print(line)
   mt = results.get("metrics", {})
@@ -1630,6 +1945,8 @@ def main(argv=None):
   }
   results["settings"]["torch_compile"] = args.torch_compile
   results["settings"]["torch_head_compile"] = args.torch_head_compile
+  results["settings"]["peer_head"] = args.peer_head
+  results["settings"]["peer_threads"] = args.peer_threads
   on_cpu = info["jax_backend"] == "cpu"
   torch_device = "cpu"
   if args.torch:
@@ -1751,6 +2068,8 @@ def main(argv=None):
         torch_device=torch_device,
         torch_compile=args.torch_compile,
         compile_head=args.torch_head_compile,
+        peer_head=args.peer_head,
+        torch_threads=args.peer_threads,
         with_torch=args.torch,
     )
 
@@ -1777,4 +2096,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  if _XLA_MODE == "project":
+    # Huge-page malloc, as main.py runs (a restart; ultraad_jax/xla_env.py).
+    # The PyTorch side runs in the same process with the same allocator.
+    xla_env.use_hugepage_malloc()
   main()

@@ -104,10 +104,10 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "--accelerator", "--bf16", "--sections", "backbone,sweep,metrics",
       "--backbone_models", "tiny", "--backbone_batch", "2", "--repeats", "1",
       "--warmup", "1", "--sweep_model", "tiny", "--sweep_episodes", "2",
-      "--sweep_steps", "2", "--sweep_shots", "1", "--sweep_pool", "6",
+      "--sweep_steps", "3", "--sweep_shots", "1", "--sweep_pool", "6",
       "--torch_max_episodes", "1", "--metrics_maps", "3", "--metrics_size",
       "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
-      "100", "--json", str(path),
+      "100", "--peer_threads", "1", "--json", str(path),
   ])  # fmt: skip
   on_disk = json.loads(path.read_text())
   assert on_disk["mode"] == "accelerator"
@@ -131,17 +131,58 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       bb["analytic_flops_per_image"], rel=0.1
   )
 
-  row = results["sweep"]["2"]
-  for key in ("jax_s", "torch_s", "speedup", "jax_s_per_episode"):
+  sweep = results["sweep"]
+  assert sweep["peer_head"] == "ultraad"  # the default: the same head
+  assert on_disk["settings"]["peer_head"] == "ultraad"
+  row = sweep["2"]
+  for key in ("jax_s", "torch_s", "speedup", "jax_s_per_episode",
+              "torch_backbone_ms_per_step", "torch_head_ms_per_step",
+              "torch_init_s_per_episode"):  # fmt: skip
     assert math.isfinite(row[key]) and row[key] > 0, key
   assert row["torch_extrapolated"] and row["torch_episodes_run"] == 1
   assert math.isfinite(row["final_loss"])
-  assert math.isfinite(row["torch_final_loss"])
+  # Same head, loss, initial parameters and optimiser on both sides: after
+  # three steps (one of them at a non-zero learning rate) episode 0's loss
+  # agrees (the features differ by float rounding between the backbones).
+  assert row["torch_final_loss_episode0"] == pytest.approx(
+      row["final_loss_episode0"], rel=1e-3
+  )
 
   mt = results["metrics"]
   for key in ("ours_s", "sklearn_s", "ours_peak_mb", "sklearn_peak_mb"):
     assert mt[key] >= 0, key
   assert mt["max_abs_diff"] < 1e-9
+
+
+def test_mvfa_peer_head_trains(bench):
+  # The lighter head stays available (--peer_head mvfa): one uncompiled
+  # episode on the tiny CLIP, its phases accounted in the split.
+  backbone = bench.make_backbone("tiny")
+  layers = bench.tapped_layers(backbone.num_layers)
+  images, masks, labels = bench.synthetic_pool(6, backbone.image_size)
+  peer = bench.TorchPeer(backbone, layers, images, masks, labels,
+                         head="mvfa", compile_backbone=False,
+                         compile_head=False, threads=1)  # fmt: skip
+  loss = peer.episode(bench.draw_supports(labels, 1, 1)[0], 2, seed=0)
+  assert math.isfinite(loss) and loss > 0
+  assert peer.split["steps"] == 2
+  assert peer.split["backbone_s"] > 0 and peer.split["head_s"] > 0
+  with pytest.raises(ValueError, match="peer head"):
+    bench.TorchPeer(backbone, layers, images, masks, head="other",
+                    compile_backbone=False)  # fmt: skip
+  with pytest.raises(ValueError, match="cfg and labels"):
+    bench.TorchPeer(backbone, layers, images, masks, head="ultraad",
+                    compile_backbone=False)  # fmt: skip
+
+
+def test_peer_learning_rates_follow_the_engine_schedule(bench):
+  tc = bench.sweep_train_config(20)
+  rates = bench.learning_rates(tc)
+  assert rates.shape == (20,)
+  # Warm-up from 0 to the peak, then cosine decay towards 0.
+  assert rates[0] == 0.0
+  assert rates[tc.warmup_steps] == pytest.approx(tc.learning_rate)
+  assert np.all(np.diff(rates[tc.warmup_steps :]) < 0)
 
 
 _HLO = """HloModule jit_train_step, is_scheduled=true

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ultraad_jax import losses
 
@@ -70,3 +71,51 @@ def test_cross_entropy_with_absent_class_logits():
       lambda l: losses.cross_entropy(l, jnp.asarray([1]),
                                      weights=jnp.zeros(1)))(bad)  # fmt: skip
   assert val == 0 and np.all(g == 0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.0])
+def test_fused_map_losses_equal_the_separate_losses_and_gradients(gamma):
+  # Fresh random inputs: logits with saturated values, soft and hard
+  # targets, zero weights (a masked-out sample) on each term.
+  rng = np.random.default_rng(int(gamma * 10) + 1)
+  z = rng.normal(size=(4, 6, 6)) * 4
+  z[0, 0, :3] = [60.0, -60.0, 0.0]
+  z = jnp.asarray(z, jnp.float32)
+  y = rng.uniform(size=(4, 6, 6)).astype(np.float32)
+  y[1] = y[1] > 0.5
+  wf = jnp.asarray([1.0, 0.0, 1.0, 2.0])
+  wd = jnp.asarray([1.0, 1.0, 0.0, 1.0])
+
+  def separate(z):
+    return (
+        losses.focal_loss_with_logits(z, y, gamma=gamma, weights=wf),
+        losses.dice_loss(jax.nn.sigmoid(z), y, weights=wd),
+    )
+
+  def fused(z):
+    return losses.map_losses(z, y, gamma=gamma, focal_weights=wf,
+                             dice_weights=wd)  # fmt: skip
+
+  np.testing.assert_allclose(fused(z), separate(z), rtol=1e-6, atol=1e-7)
+  for mix in ((1.0, 0.0), (0.0, 1.0), (0.7, 1.3)):
+    grads = [
+        jax.grad(lambda z, f=f: mix[0] * f(z)[0] + mix[1] * f(z)[1])(z)
+        for f in (separate, fused)
+    ]
+    scale = float(jnp.max(jnp.abs(grads[0])))
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-5 * scale)
+  # Under vmap (the model maps it over layers) and jit.
+  stacked = jnp.stack([z, -z])
+  got = jax.jit(jax.vmap(fused))(stacked)
+  np.testing.assert_allclose(got[0][0], fused(z)[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1][1], separate(-z)[1], rtol=1e-6)
+
+
+def test_fused_map_losses_zero_weights_give_zero_and_finite_gradient():
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4)), jnp.float32)
+  y = jnp.zeros((2, 4, 4))
+  fn = lambda z: sum(losses.map_losses(
+      z, y, focal_weights=jnp.zeros(2), dice_weights=jnp.zeros(2)))  # fmt: skip
+  value, grad = jax.value_and_grad(fn)(z)
+  assert value == 0.0
+  assert np.all(grad == 0)

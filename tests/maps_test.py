@@ -91,3 +91,34 @@ def test_image_score_max_and_topk():
   np.testing.assert_allclose(
       maps.image_score(m, "topk_mean", topk=10**6), [0.01, 0.5], rtol=1e-6
   )
+
+
+def test_upsample_equals_jax_image_resize_bilinear():
+  # The matrix form must reproduce jax.image.resize exactly, edges included,
+  # for grids of CLIP models (7, 14, 16, 24) and an odd target size.
+  rng = np.random.default_rng(3)
+  for grid, size in ((7, 224), (14, 224), (16, 336), (8, 64), (3, 10)):
+    v = jnp.asarray(rng.normal(size=(2, 3, grid * grid)), jnp.float32)
+    want = jax.image.resize(v.reshape(2, 3, grid, grid), (2, 3, size, size),
+                            method="bilinear")  # fmt: skip
+    np.testing.assert_allclose(maps.upsample(v, size), want, atol=1e-5)
+  a = maps.bilinear_matrix(4, 9)
+  np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-6)  # Convex rows.
+
+
+def test_text_logits_gradient_matches_normalise_first_form():
+  rng = np.random.default_rng(4)
+  p = jnp.asarray(rng.normal(size=(2, 3, 5, 8)) * 3, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(3, 2, 8)), jnp.float32)
+
+  def reference(p):
+    unit = p / jnp.linalg.norm(p, axis=-1, keepdims=True)
+    tt = t / jnp.linalg.norm(t, axis=-1, keepdims=True)
+    return jnp.einsum("lbnd,bd->lbn", unit, tt[:, 1] - tt[:, 0]) / 0.05
+
+  w = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
+  np.testing.assert_allclose(maps.text_logits(p, t, 0.05), reference(p),
+                             rtol=1e-5, atol=1e-4)  # fmt: skip
+  g = jax.grad(lambda p: jnp.sum(w * maps.text_logits(p, t, 0.05)))(p)
+  g_ref = jax.grad(lambda p: jnp.sum(w * reference(p)))(p)
+  np.testing.assert_allclose(g, g_ref, atol=1e-4 * float(jnp.abs(g_ref).max()))

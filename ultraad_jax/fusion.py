@@ -160,14 +160,84 @@ def init(
   raise ValueError(f"fusion={mode!r}; expected one of {FUSION_MODES}.")
 
 
+def _project(x, w):
+  return jnp.stack(
+      [jnp.sum(x * w[..., None, :, c], axis=-1) for c in range(w.shape[-1])],
+      axis=-1,
+  )
+
+
+def _combine(a, v):
+  return sum(a[..., c : c + 1] * v[..., None, c, :] for c in range(a.shape[-1]))
+
+
+def _outer_sum(x, y):
+  """sum_n x[..., n, i] y[..., n, c] -> [..., I, C], one reduction per c."""
+  return jnp.stack(
+      [jnp.sum(x * y[..., c : c + 1], axis=-2) for c in range(y.shape[-1])],
+      axis=-1,
+  )
+
+
+@jax.custom_vjp
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., N, D] @ w [..., D, C] for a handful of columns C (e.g. 2).
+
+  XLA:CPU runs products this narrow as dots that use a sliver of each
+  vector register, and their gradients as dots that contract over N after
+  transposing x in memory; written as C fused multiply-reduce passes (and
+  the same in the hand-written backward pass) they were 1.3x (forward) and
+  7x (weight gradient) faster at ViT-B/16 sizes (docs/PERFORMANCE.md).
+  """
+  return _project(x, w)
+
+
+def _project_fwd(x, w):
+  return _project(x, w), (x, w)
+
+
+def _project_bwd(res, dy):
+  x, w = res
+  return _combine(dy, jnp.swapaxes(w, -1, -2)), _outer_sum(x, dy)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
+@jax.custom_vjp
+def combine(a: jax.Array, v: jax.Array) -> jax.Array:
+  """a [..., N, C] @ v [..., C, D] for a handful of rows C; see `project`."""
+  return _combine(a, v)
+
+
+def _combine_fwd(a, v):
+  return _combine(a, v), (a, v)
+
+
+def _combine_bwd(res, dy):
+  a, v = res
+  return _project(dy, jnp.swapaxes(v, -1, -2)), jnp.swapaxes(
+      _outer_sum(dy, a), -1, -2
+  )
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
+
+
 def _cross_attention(p, x, prompts):
-  """One layer: x [B, N, D] attends to prompts [B, C, D]."""
-  q = x @ p["wq"]
-  k = prompts @ p["wk"]
-  v = prompts @ p["wv"]
-  att = jnp.einsum("bnk,bck->bnc", q, k) / jnp.sqrt(float(q.shape[-1]))
-  att = jax.nn.softmax(att, axis=-1)
-  return x + jnp.einsum("bnc,bck->bnk", att, v) @ p["wo"] + p["bo"]
+  """One layer: x [B, N, D] attends to prompts [B, C, D].
+
+  With C = 2 keys per image, the products are reassociated so that nothing
+  of the inner width is computed per patch: q(x) k^T = x (Wq k^T) and
+  softmax(.) v Wo = softmax(.) (v Wo). Same function as the textbook form,
+  with a fraction of its FLOPs and memory traffic; the two remaining
+  per-patch products are C wide (`project`, `combine`).
+  """
+  k = prompts @ p["wk"]  # [B, C, K]
+  vo = (prompts @ p["wv"]) @ p["wo"]  # [B, C, D]
+  qk = jnp.einsum("dk,bck->bdc", p["wq"], k) / jnp.sqrt(float(k.shape[-1]))
+  att = jax.nn.softmax(project(x, qk), axis=-1)  # [B, N, C]
+  return x + combine(att, vo) + p["bo"]
 
 
 def _gated(p, x, prompts, temperature):

@@ -11,6 +11,8 @@ used where a term is defined on them (dice, and the focal loss on a combined
 map, whose probabilities are clipped).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -122,6 +124,111 @@ def dice_loss(
   inter = jnp.sum(p * y, axis=-1)
   dice = (2.0 * inter + smooth) / (jnp.sum(p, -1) + jnp.sum(y, -1) + smooth)
   return weighted_mean(1.0 - dice, weights)
+
+
+def _map_terms(logits, targets, gamma):
+  """Per-pixel focal loss and sigmoid, from logits; see map_losses."""
+  s = jax.nn.sigmoid(logits)
+  bce = bce_with_logits_elementwise(logits, targets)
+  # 1 - p_t for soft targets, without a 1 - p cancellation.
+  one_minus_pt = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * s
+  return one_minus_pt, bce, s
+
+
+def _weight_coefficients(weights):
+  """d weighted_mean / d value_b, as in `weighted_mean`."""
+  total = jnp.sum(weights)
+  return weights / jnp.maximum(total, 1e-12) * (total > 0)
+
+
+def _map_losses_fwd(logits, targets, focal_weights, dice_weights, gamma,
+                    smooth):  # fmt: skip
+  b = logits.shape[0]
+  z = logits.reshape(b, -1)
+  y = targets.astype(z.dtype).reshape(b, -1)
+  q, bce, s = _map_terms(z, y, gamma)
+  focal_b = jnp.mean(q**gamma * bce, axis=-1)
+  inter = jnp.sum(s * y, axis=-1)
+  denom = jnp.sum(s, axis=-1) + jnp.sum(y, axis=-1) + smooth
+  dice_b = 1.0 - (2.0 * inter + smooth) / denom
+  out = (weighted_mean(focal_b, focal_weights),
+         weighted_mean(dice_b, dice_weights))  # fmt: skip
+  return out, (logits, targets, focal_weights, dice_weights, inter, denom)
+
+
+def _map_losses_bwd(gamma, smooth, res, cotangents):
+  logits, targets, focal_weights, dice_weights, inter, denom = res
+  d_focal, d_dice = cotangents
+  b = logits.shape[0]
+  z = logits.reshape(b, -1)
+  y = targets.astype(z.dtype).reshape(b, -1)
+  q, bce, s = _map_terms(z, y, gamma)
+  # Per-sample factors: the weighted means and the pixel mean (focal), and
+  # d(1 - dice_b)/d(inter_b), d(1 - dice_b)/d(sum of s) (dice).
+  cf = (d_focal * _weight_coefficients(focal_weights) / z.shape[-1])[:, None]
+  cd = d_dice * _weight_coefficients(dice_weights)
+  d_inter = (cd * -2.0 / denom)[:, None]
+  d_sum = (cd * (2.0 * inter + smooth) / denom**2)[:, None]
+  ds_dz = s * (1.0 - s)
+  # d/dz [q^g bce] = g q^(g-1) (1 - 2y) s (1 - s) bce + q^g (s - y).
+  d_el = q**gamma * (s - y)
+  if gamma != 0:
+    safe = jnp.where(q > 0, q, 1.0)
+    d_el += (
+        jnp.where(q > 0, gamma * safe ** (gamma - 1.0), 0.0)
+        * (1.0 - 2.0 * y)
+        * ds_dz
+        * bce
+    )
+  dz = cf * d_el + (d_inter * y + d_sum) * ds_dz
+  return (dz.reshape(logits.shape).astype(logits.dtype),
+          jnp.zeros_like(targets), jnp.zeros_like(focal_weights),
+          jnp.zeros_like(dice_weights))  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _map_losses(logits, targets, focal_weights, dice_weights, gamma, smooth):
+  return _map_losses_fwd(logits, targets, focal_weights, dice_weights, gamma,
+                         smooth)[0]  # fmt: skip
+
+
+_map_losses.defvjp(_map_losses_fwd, _map_losses_bwd)
+
+
+def map_losses(
+    logits: jax.Array,
+    targets: jax.Array,
+    *,
+    gamma: float = 2.0,
+    focal_weights: jax.Array,
+    dice_weights: jax.Array,
+    smooth: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+  """Focal loss from logits and dice loss on their sigmoid, fused.
+
+  Equal to `focal_loss_with_logits(logits, ...)` and
+  `dice_loss(sigmoid(logits), ...)`, but with a hand-written gradient: the
+  automatic one of the two losses walks the full-resolution maps a dozen
+  times (each intermediate of the elementwise chain is saved and re-read),
+  which made them the largest memory cost of the training step. Here the
+  forward pass keeps only per-sample sums, and the backward pass recomputes
+  the elementwise terms in one fused pass.
+
+  Args:
+    logits: [B, ...] abnormality logits.
+    targets: [B, ...] targets in [0, 1] (no gradient).
+    gamma: focal exponent (static).
+    focal_weights: [B] sample weights of the focal term (no gradient).
+    dice_weights: [B] sample weights of the dice term (no gradient).
+    smooth: dice smoothing (static).
+
+  Returns:
+    (focal, dice) scalars.
+  """
+  return _map_losses(logits, targets.astype(logits.dtype),
+                     focal_weights.astype(logits.dtype),
+                     dice_weights.astype(logits.dtype), float(gamma),
+                     float(smooth))  # fmt: skip
 
 
 def bce_with_logits_elementwise(

@@ -18,6 +18,7 @@ All functions are pure and vmap/jit-friendly; hyperparameters that change the
 computation's structure (sizes, modes, sigma) are static Python values.
 """
 
+import functools
 import math
 
 import jax
@@ -49,16 +50,48 @@ def text_logits(
     [L, B, N] logits (cos_abn - cos_norm) / tau; sigmoid gives the softmax
     probability of "abnormal".
   """
-  p = l2_normalize(patches.astype(jnp.float32))
   t = l2_normalize(text.astype(jnp.float32))
   if t.ndim == 2:
-    t = jnp.broadcast_to(t, (p.shape[1],) + t.shape)
+    t = jnp.broadcast_to(t, (patches.shape[1],) + t.shape)
   direction = t[:, 1] - t[:, 0]  # [B, D]
-  return jnp.einsum("lbnd,bd->lbn", p, direction) / temperature
+  # cos_abn - cos_norm = (p . direction) / |p|: two reductions over D, so
+  # the normalised copy of the [L, B, N, D] tokens is never written (nor
+  # read back in the backward pass), which is most of this function's cost.
+  p = patches.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=-1))
+  dot = jnp.einsum("lbnd,bd->lbn", p, direction)
+  return dot / (jnp.maximum(norm, 1e-6) * temperature)
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(grid: int, size: int) -> np.ndarray:
+  """[size, grid] weights of 1-D bilinear upsampling (half-pixel centres).
+
+  Bilinear resizing is linear and separable, so upsampling a [g, g] grid is
+  A @ grid @ A.T with this A. The matrix is read off `jax.image.resize`
+  applied to the identity, so it matches that function exactly (including
+  its edge handling).
+
+  Args:
+    grid: input side g.
+    size: output side H.
+
+  Returns:
+    A float32 numpy array [H, g].
+  """
+  # Evaluated eagerly even when called under jit: the matrix is a constant.
+  with jax.ensure_compile_time_eval():
+    eye = jnp.eye(grid, dtype=jnp.float32)
+    cols = jax.image.resize(eye, (size, grid), method="bilinear")
+    return np.asarray(cols, np.float32)
 
 
 def upsample(patch_values: jax.Array, image_size: int) -> jax.Array:
   """Bilinear upsampling of patch-grid values to image size.
+
+  Computed as two small matrix products with `bilinear_matrix` rather than
+  `jax.image.resize`: same values, but XLA runs it (and its transpose in the
+  backward pass) as dense dots instead of gathers and scatter-adds.
 
   Args:
     patch_values: [..., N] values on a square grid (N = g * g), row-major.
@@ -71,10 +104,10 @@ def upsample(patch_values: jax.Array, image_size: int) -> jax.Array:
   g = int(round(math.sqrt(n)))
   if g * g != n:
     raise ValueError(f"{n} patches do not form a square grid.")
-  lead = patch_values.shape[:-1]
-  grid = patch_values.reshape(lead + (g, g))
-  return jax.image.resize(
-      grid, lead + (image_size, image_size), method="bilinear"
+  a = jnp.asarray(bilinear_matrix(g, image_size))
+  grid = patch_values.reshape(patch_values.shape[:-1] + (g, g))
+  return jnp.einsum(
+      "hi,...ij,wj->...hw", a, grid, a, precision=lax.Precision.HIGHEST
   )
 
 

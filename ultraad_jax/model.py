@@ -680,14 +680,12 @@ def loss_fn(params, frozen_state, support: Support, rng, *, cfg: ModelConfig,
 
   z = out["layer_logits"]
   if cfg.map_loss == "per_layer":
-    focal = jnp.mean(jax.vmap(
-        lambda zl: losses.focal_loss_with_logits(
-            zl, masks, gamma=cfg.focal_gamma, weights=has_mask)
-    )(z))  # fmt: skip
-    dice = jnp.mean(jax.vmap(
-        lambda zl: losses.dice_loss(jax.nn.sigmoid(zl), masks,
-                                    weights=nonempty)
-    )(z))  # fmt: skip
+    focal, dice = jax.vmap(
+        lambda zl: losses.map_losses(
+            zl, masks, gamma=cfg.focal_gamma, focal_weights=has_mask,
+            dice_weights=nonempty)
+    )(z)  # fmt: skip
+    focal, dice = jnp.mean(focal), jnp.mean(dice)
   else:
     combined = maps.combine_layers(jax.nn.sigmoid(z), cfg.layer_combine)
     focal = losses.focal_loss_on_probs(

@@ -37,6 +37,7 @@ from ultraad_jax import model
 from ultraad_jax import pipeline
 from ultraad_jax import report
 from ultraad_jax import run_config
+from ultraad_jax import xla_env
 
 P = jax.sharding.PartitionSpec
 
@@ -270,6 +271,23 @@ def episode_arrays(
       "group": np.stack(group).astype(np.int32),
       "text_embed": table[text_idx].astype(np.float32),
   }
+
+
+def head_compiler_options(ep_data, cache_arrays):
+  """XLA options of the head's compiled steps (`xla_env.head_compiler_options`).
+
+  Args:
+    ep_data: the episodes' support rows ([E, S] under "rows").
+    cache_arrays: (global, patch tokens [L, rows, N, D], masks) of the cache.
+
+  Returns:
+    A dict for `jax.jit(..., compiler_options=...)`.
+  """
+  num_episodes, support = ep_data["rows"].shape
+  layers, _, tokens, dim = cache_arrays[1].shape
+  return xla_env.head_compiler_options(
+      num_episodes * support * layers * tokens * dim
+  )
 
 
 def gather_support(cache_arrays, ep):
@@ -732,6 +750,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
 
   # ---- Training loop ------------------------------------------------------
   t0 = time.time()
+  head_options = head_compiler_options(ep_data, cache_arrays)
   step_fn = jax.jit(
       functools.partial(
           train_step,
@@ -741,6 +760,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
       ),
       donate_argnums=(0,),
       out_shardings=(state_shardings, by_episode),
+      compiler_options=head_options,
   )
   val_fn = None
   if ep_val is not None:
@@ -748,6 +768,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
         functools.partial(val_step, cfg=cfg, backbone=backbone),
         donate_argnums=(0,),
         out_shardings=(state_shardings, by_episode),
+        compiler_options=head_options,
     )
   total = config.train.steps
   start_step = int(state["step"])
@@ -804,7 +825,13 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   per_method = {m: [] for m in methods}
   examples = {}
   for method in methods:
-    predict = _make_predict(method, cfg=cfg, backbone=backbone, mesh=mesh)
+    predict = _make_predict(
+        method,
+        cfg=cfg,
+        backbone=backbone,
+        mesh=mesh,
+        compiler_options=head_options,
+    )
     for start in range(0, num_episodes, chunk):
       part = slice(start, start + chunk)
       preds = _predict_all(
@@ -1022,7 +1049,7 @@ def _episode_chunk(num_episodes, episode_axis, test_shape, budget_gb):
   return max(fitting) if fitting else sizes[0]
 
 
-def _make_predict(method, *, cfg, backbone, mesh):
+def _make_predict(method, *, cfg, backbone, mesh, compiler_options=None):
   """The jitted predict step of one method (one compile per method).
 
   The query batch is gathered from the test cache inside the program and
@@ -1052,7 +1079,9 @@ def _make_predict(method, *, cfg, backbone, mesh):
     )
 
   return jax.jit(
-      step, out_shardings=jax.sharding.NamedSharding(mesh, P("episode", "data"))
+      step,
+      out_shardings=jax.sharding.NamedSharding(mesh, P("episode", "data")),
+      compiler_options=compiler_options,
   )
 
 
