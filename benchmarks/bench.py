@@ -881,6 +881,14 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
                          key).compile()  # fmt: skip
   out["step_compile_s"] = time.perf_counter() - start
   out["step_flops"] = float(_cost(step_c).get("flops", float("nan")))
+  # One untimed step on a copy of the state: the first execution of a
+  # program pays one-off costs (allocator growth, thread-pool start-up), as
+  # the peer's untimed warm-up episode does on its side.
+  warm = jax.tree.map(jnp.copy, state)
+  jax.block_until_ready(
+      step_c(warm, ep_data, frozen, cache_arrays, clip_params, key)
+  )
+  del warm
   start = time.perf_counter()
   for _ in range(steps):
     state, step_metrics = step_c(state, ep_data, frozen, cache_arrays,
