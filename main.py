@@ -12,6 +12,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ultraad_jax import xla_env
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -27,10 +29,6 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def main(argv):
-  from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
-
-  # Restarts the process once, before any work, with a faster malloc setting.
-  xla_env.use_hugepage_malloc()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
@@ -66,6 +64,9 @@ class _QuietLibraries:
 
 
 if __name__ == "__main__":
+  # Restarts the process once, before any work (flag parsing already loads
+  # the config and with it JAX), with a faster malloc setting.
+  xla_env.use_hugepage_malloc()
   logging.set_verbosity(logging.INFO)
   logging.use_absl_handler()
   logging.get_absl_handler().addFilter(_QuietLibraries())

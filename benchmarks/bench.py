@@ -69,6 +69,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 if _XLA_MODE == "project":
   from ultraad_jax import xla_env  # pylint: disable=g-import-not-at-top
 
+  if __name__ == "__main__":
+    # Huge-page malloc, as main.py runs (a restart, so before JAX is
+    # imported; ultraad_jax/xla_env.py). The PyTorch side runs in the same
+    # process with the same allocator.
+    xla_env.use_hugepage_malloc()
   xla_env.configure()
 elif _XLA_MODE == "vector512":
   os.environ["XLA_FLAGS"] = (
@@ -919,16 +924,8 @@ def learning_rates(tc):
     [steps] float64 rates (optax's warmup-cosine schedule, evaluated once on
     the host so that the PyTorch peer follows the same one).
   """
-  import optax  # pylint: disable=g-import-not-at-top
-
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=tc.learning_rate,
-      warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
-      decay_steps=max(tc.steps, 1),
-  )
   # One jitted call rather than a dozen eager ops (each a compilation).
-  rates = jax.jit(schedule)(jnp.arange(tc.steps))
+  rates = jax.jit(train.make_schedule(tc))(jnp.arange(tc.steps))
   return np.asarray(jax.device_get(rates), np.float64)
 
 
@@ -2104,8 +2101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  if _XLA_MODE == "project":
-    # Huge-page malloc, as main.py runs (a restart; ultraad_jax/xla_env.py).
-    # The PyTorch side runs in the same process with the same allocator.
-    xla_env.use_hugepage_malloc()
   main()

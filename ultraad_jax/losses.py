@@ -38,6 +38,15 @@ def _per_sample(x: jax.Array) -> jax.Array:
   return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
 
 
+def _map_terms(logits, targets):
+  """Per-pixel 1 - p_t, BCE and sigmoid, from logits (stable for any logit)."""
+  s = jax.nn.sigmoid(logits)
+  bce = bce_with_logits_elementwise(logits, targets)
+  # 1 - p_t for soft targets, without a 1 - p cancellation.
+  one_minus_pt = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * s
+  return one_minus_pt, bce, s
+
+
 def focal_loss_with_logits(
     logits: jax.Array,
     targets: jax.Array,
@@ -60,12 +69,7 @@ def focal_loss_with_logits(
   Returns:
     A scalar.
   """
-  targets = targets.astype(logits.dtype)
-  bce = bce_with_logits_elementwise(logits, targets)
-  # 1 - p_t for soft targets, from sigmoids of +-logits (no 1 - p cancellation).
-  one_minus_pt = targets * jax.nn.sigmoid(-logits) + (
-      1.0 - targets
-  ) * jax.nn.sigmoid(logits)
+  one_minus_pt, bce, _ = _map_terms(logits, targets.astype(logits.dtype))
   loss = one_minus_pt**gamma * bce
   return weighted_mean(_per_sample(loss), weights)
 
@@ -126,15 +130,6 @@ def dice_loss(
   return weighted_mean(1.0 - dice, weights)
 
 
-def _map_terms(logits, targets, gamma):
-  """Per-pixel focal loss and sigmoid, from logits; see map_losses."""
-  s = jax.nn.sigmoid(logits)
-  bce = bce_with_logits_elementwise(logits, targets)
-  # 1 - p_t for soft targets, without a 1 - p cancellation.
-  one_minus_pt = targets * jax.nn.sigmoid(-logits) + (1.0 - targets) * s
-  return one_minus_pt, bce, s
-
-
 def _weight_coefficients(weights):
   """d weighted_mean / d value_b, as in `weighted_mean`."""
   total = jnp.sum(weights)
@@ -146,7 +141,7 @@ def _map_losses_fwd(logits, targets, focal_weights, dice_weights, gamma,
   b = logits.shape[0]
   z = logits.reshape(b, -1)
   y = targets.astype(z.dtype).reshape(b, -1)
-  q, bce, s = _map_terms(z, y, gamma)
+  q, bce, s = _map_terms(z, y)
   focal_b = jnp.mean(q**gamma * bce, axis=-1)
   inter = jnp.sum(s * y, axis=-1)
   denom = jnp.sum(s, axis=-1) + jnp.sum(y, axis=-1) + smooth
@@ -162,7 +157,7 @@ def _map_losses_bwd(gamma, smooth, res, cotangents):
   b = logits.shape[0]
   z = logits.reshape(b, -1)
   y = targets.astype(z.dtype).reshape(b, -1)
-  q, bce, s = _map_terms(z, y, gamma)
+  q, bce, s = _map_terms(z, y)
   # Per-sample factors: the weighted means and the pixel mean (focal), and
   # d(1 - dice_b)/d(inter_b), d(1 - dice_b)/d(sum of s) (dice).
   cf = (d_focal * _weight_coefficients(focal_weights) / z.shape[-1])[:, None]

@@ -307,14 +307,26 @@ def gather_support(cache_arrays, ep):
 # ---------------------------------------------------------------------------
 # Optimizer.
 # ---------------------------------------------------------------------------
-def make_optimizer(tc):
-  """AdamW with warmup-cosine decay and global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(tc):
+  """The learning rate by step: linear warmup, then cosine decay to 0.
+
+  Args:
+    tc: the train config (steps, learning_rate, warmup_steps).
+
+  Returns:
+    An optax schedule (step -> rate).
+  """
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=tc.learning_rate,
       warmup_steps=min(tc.warmup_steps, max(tc.steps - 1, 0)),
       decay_steps=max(tc.steps, 1),
   )
+
+
+def make_optimizer(tc):
+  """AdamW with warmup-cosine decay and global-norm clipping."""
+  schedule = make_schedule(tc)
   parts = []
   if tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(tc.grad_clip))
