@@ -86,6 +86,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import common  # pylint: disable=g-import-not-at-top
 import metrics_memory  # pylint: disable=g-import-not-at-top
+import native_peak  # pylint: disable=g-import-not-at-top
 from ultraad_jax import clip  # pylint: disable=g-import-not-at-top
 from ultraad_jax import features  # pylint: disable=g-import-not-at-top
 from ultraad_jax import metrics  # pylint: disable=g-import-not-at-top
@@ -262,22 +263,28 @@ def machine_info():
   }
 
 
-def theoretical_peak(info):
+def theoretical_peak(info, measured_clock_ghz=None):
   """The f32 FMA peak from the CPU's description, two ways.
 
   `formula_gflops` is cores x 2 FMA units x 16 f32 lanes x 2 FLOP x the
-  clock /proc/cpuinfo reports (a VM usually shows the base clock; boost is
-  higher). `microarch_gflops` uses 8 lanes per unit where the cores execute
+  clock. `microarch_gflops` uses 8 lanes per unit where the cores execute
   512-bit FMAs as two 256-bit halves (AMD family 0x19, Zen 4; Zen 3 has no
-  AVX-512) or lack AVX-512.
+  AVX-512) or lack AVX-512. The clock is the measured one when given
+  (native_peak.py), else what /proc/cpuinfo reports (in a VM usually the
+  base clock; the cores boost higher).
 
   Args:
     info: from `machine_info`.
+    measured_clock_ghz: the clock the cores run at, if measured.
 
   Returns:
-    A dict of the two estimates and the lanes assumed.
+    A dict of the two estimates, the clock and its source, and the lanes
+    assumed.
   """
-  ghz = (info.get("cpu_mhz") or 0.0) / 1000.0
+  if measured_clock_ghz:
+    ghz, source = float(measured_clock_ghz), "measured"
+  else:
+    ghz, source = (info.get("cpu_mhz") or 0.0) / 1000.0, "/proc/cpuinfo"
   cores = info["cores"]
   lanes = 16 if info.get("avx512f") else 8
   note = "2 FMA units x 16 lanes (AVX-512)"
@@ -288,6 +295,7 @@ def theoretical_peak(info):
     note = "no AVX-512: 2 FMA units x 8 lanes (AVX2)"
   return {
       "clock_ghz": ghz,
+      "clock_source": source,
       "formula_gflops": cores * 2 * 16 * 2 * ghz,
       "microarch_gflops": cores * 2 * lanes * 2 * ghz,
       "microarch_note": note,
@@ -875,8 +883,20 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
 
   state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32)}
   key = jax.random.key(seed + 1)
+  # The engine's episode chunking, as `train_and_evaluate` picks it on one
+  # device (train.episode_chunk).
+  chunk = train.episode_chunk(
+      0,
+      num_episodes,
+      1,
+      train.episode_elements(ep_data, cache_arrays),
+      jax.default_backend(),
+  )
+  out["episode_chunk"] = chunk
   step_fn = jax.jit(
-      functools.partial(train.train_step, tx=tx, cfg=cfg, backbone=backbone),
+      functools.partial(
+          train.train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=chunk
+      ),
       donate_argnums=(0,),
       # The engine's per-program XLA options (ultraad_jax/xla_env.py).
       compiler_options=train.head_compiler_options(ep_data, cache_arrays),
@@ -885,7 +905,10 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
                          key).compile()  # fmt: skip
   out["step_compile_s"] = time.perf_counter() - start
-  out["step_flops"] = float(_cost(step_c).get("flops", float("nan")))
+  # XLA counts a while loop's body once: scale by the episode chunks.
+  out["step_flops"] = float(_cost(step_c).get("flops", float("nan"))) * (
+      num_episodes // chunk
+  )
   # One untimed step on a copy of the state: the first execution of a
   # program pays one-off costs (allocator growth, thread-pool start-up), as
   # the peer's untimed warm-up episode does on its side.
@@ -2000,29 +2023,50 @@ def main(argv=None):
     peak["source"] = "--peak_gflops"
   if "peak" in args.sections and on_cpu and args.peak:
     print(
-        "peak: FMA loop (child, 512-bit vectors) and a 4096^3 matmul...",
+        "peak: fma_peak.c, XLA FMA loop (child, 512-bit vectors) and a "
+        "matmul...",
         flush=True,
     )
+    # The register-bound C kernel first, while nothing else has started
+    # threads (native_peak.py); then XLA's loop and a matmul.
+    native = native_peak.measure(
+        set(_cpuinfo().get("flags", "").split()), info["cores"]
+    )
+    peak["native"] = native
     child = run_child("peak", [], "vector512")
     peak.update({k: v for k, v in child.items() if k != "xla_flags"})
     peak["matmul_gflops"] = matmul_rate(4096 if args.mode != "quick" else 2048)
-    peak["theoretical"] = theoretical_peak(info)
-    measured = [peak.get("fma_loop_gflops", 0.0), peak["matmul_gflops"]]
+    peak["theoretical"] = theoretical_peak(info, native.get("clock_ghz"))
+    measured = {
+        "fma_peak.c": native.get("c_fma_gflops", 0.0),
+        "XLA FMA loop": peak.get("fma_loop_gflops", 0.0),
+        "matmul": peak["matmul_gflops"],
+    }
     if "peak_gflops" not in peak:
-      peak["peak_gflops"] = max(measured)
+      best = max(measured, key=measured.get)
+      peak["peak_gflops"] = measured[best]
       peak["source"] = (
-          "max(measured FMA loop, measured matmul): a measured lower bound "
-          "on the true peak"
+          f"{best}: the largest measured rate of the register-bound C FMA "
+          "kernel, XLA's FMA loop and a matmul (each a lower bound on the "
+          "true peak)"
       )
+      if "error" in native:
+        peak["source"] += f"; the C kernel did not run: {native['error']}"
     results["peak"] = peak
     print(
-        f"  FMA loop {peak.get('fma_loop_gflops', float('nan')):.0f}, "
-        f"matmul {peak['matmul_gflops']:.0f}, formula "
+        f"  fma_peak.c {native.get('c_fma_gflops', float('nan')):.0f} at "
+        f"{native.get('clock_ghz', float('nan')):.2f} GHz measured, XLA FMA "
+        f"loop {peak.get('fma_loop_gflops', float('nan')):.0f}, matmul "
+        f"{peak['matmul_gflops']:.0f}, formula "
         f"{peak['theoretical']['formula_gflops']:.0f} / microarch "
         f"{peak['theoretical']['microarch_gflops']:.0f} GFLOP/s at "
-        f"{peak['theoretical']['clock_ghz']:.2f} GHz",
+        f"{peak['theoretical']['clock_ghz']:.2f} GHz "
+        f"({peak['theoretical']['clock_source']}); peak used: "
+        f"{peak['peak_gflops']:.0f}",
         flush=True,
     )
+    if "error" in native:
+      print(f"  (fma_peak.c did not run: {native['error']})", flush=True)
   elif peak:
     results["peak"] = peak
 

@@ -80,6 +80,10 @@ def test_theoretical_peak_formula(bench):
   assert peak["microarch_gflops"] == peak["formula_gflops"]
   zen4 = bench.theoretical_peak({**info, "vendor": "AMD", "cpu_family": 25})
   assert zen4["microarch_gflops"] == pytest.approx(peak["formula_gflops"] / 2)
+  # A measured clock replaces the (base) clock /proc/cpuinfo shows.
+  boosted = bench.theoretical_peak(info, measured_clock_ghz=3.5)
+  assert boosted["clock_source"] == "measured"
+  assert boosted["formula_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 3.5)
 
 
 def test_targets_only_apply_where_they_were_set(bench):

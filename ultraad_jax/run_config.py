@@ -29,6 +29,7 @@ _NON_TRAINING_KEYS = (
     "dump_hlo",
     "checkpoint",
     "train.log_every",
+    "train.episode_chunk",  # how episodes are batched, not what is trained
     "cache.batch_size",
     "cache.memory_budget_gb",
     "data.data_dir",
@@ -175,6 +176,13 @@ def validate(config):
         e.num_episodes,
         f"must be a multiple of the episode mesh axis ({episode_axis} "
         "devices); change it, or set mesh.num_devices / mesh.data",
+    )
+  local = e.num_episodes // episode_axis
+  if t.episode_chunk < 0 or (t.episode_chunk and local % t.episode_chunk):
+    _fail(
+        "train.episode_chunk",
+        t.episode_chunk,
+        f"must be 0 (automatic) or divide the {local} episode(s) per device",
     )
   # Sizes and layers against the backbone's own config (no weights loaded).
   dims = backbone_dims(config)

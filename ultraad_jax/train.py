@@ -273,6 +273,24 @@ def episode_arrays(
   }
 
 
+def episode_elements(ep_data, cache_arrays):
+  """Elements of one episode's support patch tokens, S x L x N x D.
+
+  The head's largest activations (adapted and fused tokens, their
+  gradients) have this size per episode, so it sizes the steps' programs.
+
+  Args:
+    ep_data: the episodes' support rows ([E, S] under "rows").
+    cache_arrays: (global, patch tokens [L, rows, N, D], masks) of the cache.
+
+  Returns:
+    An int.
+  """
+  support = ep_data["rows"].shape[1]
+  layers, _, tokens, dim = cache_arrays[1].shape
+  return support * layers * tokens * dim
+
+
 def head_compiler_options(ep_data, cache_arrays):
   """XLA options of the head's compiled steps (`xla_env.head_compiler_options`).
 
@@ -283,11 +301,88 @@ def head_compiler_options(ep_data, cache_arrays):
   Returns:
     A dict for `jax.jit(..., compiler_options=...)`.
   """
-  num_episodes, support = ep_data["rows"].shape
-  layers, _, tokens, dim = cache_arrays[1].shape
+  num_episodes = ep_data["rows"].shape[0]
   return xla_env.head_compiler_options(
-      num_episodes * support * layers * tokens * dim
+      num_episodes * episode_elements(ep_data, cache_arrays)
   )
+
+
+# On CPU, a step over many small episodes runs faster a few episodes at a
+# time: vmapped over all 64 episodes of the tiny config, every activation is
+# a 50 MB array that streams through memory between XLA's kernels; 4 at a
+# time (3 MB) they stay in cache, and the step took 223 instead of 312 ms
+# (2-core development machine, docs/PERFORMANCE.md). Large episodes gain
+# nothing: at ViT-B/16 (4.8M elements each) 1 or 2 at a time were 2.2x and
+# 1.2x slower than all 8 at once. So "auto" chunks only where at least two
+# episodes fit this many elements.
+AUTO_CHUNK_ELEMENTS = 1 << 20
+
+
+def episode_chunk(setting, num_episodes, episode_axis, elements, backend):
+  """Episodes each train/validation step processes at once.
+
+  Args:
+    setting: config.train.episode_chunk: 0 for automatic, else episodes per
+      device at once.
+    num_episodes: E.
+    episode_axis: devices on the mesh's "episode" axis (divides E).
+    elements: `episode_elements` of one episode.
+    backend: jax.default_backend().
+
+  Returns:
+    The global chunk (a divisor of E and a multiple of episode_axis); E
+    means all episodes at once (a plain vmap).
+
+  Raises:
+    ValueError: a setting that does not divide the episodes per device.
+  """
+  local = num_episodes // episode_axis
+  if setting < 0:
+    raise ValueError(
+        f"train.episode_chunk={setting}; expected 0 (automatic) or the "
+        "number of episodes per device a step processes at once."
+    )
+  if setting:
+    if local % setting:
+      divisors = [d for d in range(1, local + 1) if local % d == 0]
+      raise ValueError(
+          f"train.episode_chunk={setting} does not divide the {local} "
+          f"episodes per device ({num_episodes} episodes over {episode_axis} "
+          f"device(s)); use one of {divisors}."
+      )
+    return setting * episode_axis
+  if backend != "cpu":
+    return num_episodes
+  fit = AUTO_CHUNK_ELEMENTS // max(elements, 1)
+  fitting = [d for d in range(2, min(fit, local) + 1) if local % d == 0]
+  return max(fitting) * episode_axis if fitting else num_episodes
+
+
+def map_episodes(fn, args, chunk):
+  """`jax.vmap(fn)(*args)`, computed `chunk` episodes at a time.
+
+  Args:
+    fn: the function of one episode.
+    args: a tuple of pytrees, each with the episode axis leading.
+    chunk: episodes at once (a divisor of E); E or more is a plain vmap.
+
+  Returns:
+    What `jax.vmap(fn)(*args)` returns.
+  """
+  num = jax.tree.leaves(args)[0].shape[0]
+  if chunk >= num:
+    return jax.vmap(fn)(*args)
+  if num % chunk:
+    raise ValueError(f"chunk {chunk} does not divide {num} episodes.")
+  loops = num // chunk
+  # Episode a * loops + b runs in iteration b. The chunk axis keeps the
+  # episode axis's block sharding (chunk is a multiple of the mesh's episode
+  # axis), so every device works on its own episodes in every iteration and
+  # nothing crosses devices.
+  split = lambda x: jnp.swapaxes(x.reshape((chunk, loops) + x.shape[1:]), 0, 1)
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((num,) + x.shape[2:])
+  out = jax.lax.map(lambda a: jax.vmap(fn)(*a), jax.tree.map(split, args))
+  return jax.tree.map(merge, out)
 
 
 def gather_support(cache_arrays, ep):
@@ -350,6 +445,7 @@ def train_step(
     tx,
     cfg,
     backbone,
+    chunk=0,
 ):
   """One optimisation step of every episode.
 
@@ -363,6 +459,7 @@ def train_step(
     tx: the optax transformation.
     cfg: model.ModelConfig.
     backbone: the clip.Backbone.
+    chunk: episodes computed at once (`episode_chunk`); 0 = all.
 
   Returns:
     (new state, per-episode metrics {name: [E]}).
@@ -385,15 +482,27 @@ def train_step(
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return params, opt, metrics
 
-  params, opt, metrics = jax.vmap(one)(
-      state["params"], state["opt"], ep_data, frozen, jnp.arange(num_episodes)
-  )
+  params, opt, metrics = map_episodes(
+      one,
+      (state["params"], state["opt"], ep_data, frozen,
+       jnp.arange(num_episodes)),
+      chunk or num_episodes,
+  )  # fmt: skip
   # Other entries (early stopping's "best", "best_val") pass through.
   return {**state, "params": params, "opt": opt, "step": step + 1}, metrics
 
 
 def val_step(
-    state, ep_val, frozen, cache_arrays, clip_params, rng, *, cfg, backbone
+    state,
+    ep_val,
+    frozen,
+    cache_arrays,
+    clip_params,
+    rng,
+    *,
+    cfg,
+    backbone,
+    chunk=0,
 ):
   """Validation loss of every episode; keeps each episode's best params.
 
@@ -408,6 +517,7 @@ def val_step(
     rng: base key (the loss may draw a minibatch).
     cfg: model.ModelConfig.
     backbone: the clip.Backbone.
+    chunk: episodes computed at once (`episode_chunk`); 0 = all.
 
   Returns:
     (state with "best"/"best_val" updated, validation loss [E]).
@@ -426,7 +536,9 @@ def val_step(
     )
     return loss
 
-  loss = jax.vmap(one)(state["params"], frozen, ep_val)
+  loss = map_episodes(
+      one, (state["params"], frozen, ep_val), chunk or ep_val["rows"].shape[0]
+  )
   better = loss < state["best_val"]
 
   def pick(best, new):
@@ -763,12 +875,24 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   # ---- Training loop ------------------------------------------------------
   t0 = time.time()
   head_options = head_compiler_options(ep_data, cache_arrays)
+  step_chunk = episode_chunk(
+      config.train.episode_chunk,
+      num_episodes,
+      mesh.shape["episode"],
+      episode_elements(ep_data, cache_arrays),
+      jax.default_backend(),
+  )
+  if step_chunk < num_episodes:
+    logging.info(
+        "Train step: %d episodes at a time (train.episode_chunk).", step_chunk
+    )
   step_fn = jax.jit(
       functools.partial(
           train_step,
           tx=tx,
           cfg=cfg,
           backbone=backbone,
+          chunk=step_chunk,
       ),
       donate_argnums=(0,),
       out_shardings=(state_shardings, by_episode),
@@ -777,7 +901,9 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   val_fn = None
   if ep_val is not None:
     val_fn = jax.jit(
-        functools.partial(val_step, cfg=cfg, backbone=backbone),
+        functools.partial(
+            val_step, cfg=cfg, backbone=backbone, chunk=step_chunk
+        ),
         donate_argnums=(0,),
         out_shardings=(state_shardings, by_episode),
         compiler_options=head_options,
@@ -790,7 +916,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
         state, ep_data, frozen, cache_arrays, clip_params, rng
     )
     compiled = lowered.compile()
-    _log_cost("train_step", compiled)
+    _log_cost("train_step", compiled, num_episodes // step_chunk)
     if config.dump_hlo:
       _write(os.path.join(workdir, "hlo", "train_step.txt"), compiled.as_text())
     state, stopped_early = _train_loop(
@@ -1022,17 +1148,22 @@ def _fmt_eta(seconds):
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _log_cost(name, compiled):
-  """Logs XLA's FLOP and byte counts of a compiled step."""
+def _log_cost(name, compiled, loops=1):
+  """Logs XLA's FLOP and byte counts of a compiled step.
+
+  XLA's cost analysis counts a while loop's body once, so a step that runs
+  its episodes in `loops` chunks (`map_episodes`) is scaled by that count.
+  """
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
       cost = cost[0]
     logging.info(
-        "%s: %.3g FLOPs, %.3g bytes accessed per call (XLA " "cost_analysis).",
+        "%s: %.3g FLOPs, %.3g bytes accessed per call (XLA cost_analysis%s).",
         name,
-        cost.get("flops", float("nan")),
-        cost.get("bytes accessed", float("nan")),
+        loops * cost.get("flops", float("nan")),
+        loops * cost.get("bytes accessed", float("nan")),
+        f"; the loop body x {loops} episode chunks" if loops > 1 else "",
     )
   except Exception as e:  # pylint: disable=broad-except
     logging.info("%s: cost_analysis unavailable (%s).", name, e)

@@ -1,0 +1,183 @@
+"""Tests of the chunked episode axis of the train step (train.map_episodes).
+
+Computing a few episodes at a time must give what the plain vmap gives, for
+any function, for the real train step, and on a mesh without moving
+episodes between devices.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ultraad_jax import clip
+from ultraad_jax import model
+from ultraad_jax import train
+
+P = jax.sharding.PartitionSpec
+
+
+def test_map_episodes_equals_vmap_on_a_pytree():
+  rng = np.random.default_rng(0)
+  args = (
+      {"w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)},
+      jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+      jnp.arange(6),
+  )
+
+  def fn(p, x, i):
+    y = jnp.tanh(p["w"] @ x) * (i + 1)
+    return {"y": y, "norm": jnp.sum(y**2)}
+
+  want = jax.vmap(fn)(*args)
+  for chunk in (1, 2, 3, 6, 12):
+    got = jax.jit(functools.partial(train.map_episodes, fn, chunk=chunk))(args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="does not divide"):
+    train.map_episodes(fn, args, 4)
+
+
+@pytest.mark.parametrize(
+    "setting,episodes,axis,elements,backend,want",
+    [
+        (0, 64, 1, 196_608, "cpu", 4),  # tiny: 4 x 196k <= 1M
+        (0, 64, 2, 196_608, "cpu", 8),  # 4 per device on 2 devices
+        (0, 8, 1, 4_816_896, "cpu", 8),  # ViT-B/16 episodes: all at once
+        (0, 64, 1, 196_608, "gpu", 64),  # accelerators: all at once
+        (0, 7, 1, 196_608, "cpu", 7),  # no divisor of 7 in 2..5
+        (2, 64, 4, 1, "gpu", 8),  # explicit: per device
+    ],
+)
+def test_episode_chunk_rules(setting, episodes, axis, elements, backend, want):
+  got = train.episode_chunk(setting, episodes, axis, elements, backend)
+  assert got == want
+  assert episodes % got == 0 and got % axis == 0
+
+
+def test_episode_chunk_rejects_a_non_divisor():
+  with pytest.raises(
+      ValueError, match=r"train.episode_chunk=3.*\[1, 2, 4, 8\]"
+  ):
+    train.episode_chunk(3, 16, 2, 1, "cpu")
+  with pytest.raises(ValueError, match="expected 0"):
+    train.episode_chunk(-1, 16, 2, 1, "cpu")
+
+
+@pytest.fixture(scope="module")
+def step_inputs():
+  """A real train step's inputs: tiny CLIP, random cache, E = 4 episodes."""
+  bb = clip.tiny()
+  cfg = model.ModelConfig(layers=(1, 2, 3, 4))
+  rng = np.random.default_rng(1)
+  rows, e, s = 12, 4, 6
+  n, d, size = bb.grid_size**2, bb.embed_dim, bb.image_size
+  masks = np.zeros((rows, size, size), np.uint8)
+  masks[4:, 16:40, 20:44] = 1
+  cache = (
+      jnp.asarray(rng.normal(size=(rows, d)), jnp.float32),
+      jnp.asarray(rng.normal(size=(4, rows, n, d)), jnp.float32),
+      jnp.asarray(masks),
+  )
+  labels = np.repeat(np.arange(3), 4).astype(np.int32)
+  sup = np.stack([rng.permutation(rows)[:s] for _ in range(e)])
+  ep_data = {
+      "rows": jnp.asarray(sup, jnp.int32),
+      "labels": jnp.asarray(labels[sup]),
+      "group": jnp.tile(jnp.arange(s, dtype=jnp.int32), (e, 1)),
+      "text_embed": jnp.asarray(rng.normal(size=(e, s, d)), jnp.float32),
+  }
+  # Plain SGD: the update is linear in the gradient, so states compare at
+  # float precision (Adam's first step, lr * g / |g|, would magnify the
+  # rounding of near-zero gradients).
+  tx = train.optax.sgd(0.1)
+
+  def init_one(key, ep):
+    support = train.gather_support(cache, ep)
+    p = model.init(key, cfg, bb, bb.params, support)
+    return p, tx.init(p), model.frozen(cfg, bb, bb.params, support)
+
+  keys = jax.random.split(jax.random.key(0), e)
+  params, opt, frozen = jax.jit(jax.vmap(init_one))(keys, ep_data)
+  state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32)}
+  args = (state, ep_data, frozen, cache, bb.params, jax.random.key(3))
+  return dict(bb=bb, cfg=cfg, tx=tx, args=args)
+
+
+def _step(inputs, chunk, **jit_kwargs):
+  return jax.jit(
+      functools.partial(
+          train.train_step,
+          tx=inputs["tx"],
+          cfg=inputs["cfg"],
+          backbone=inputs["bb"],
+          chunk=chunk,
+      ),
+      **jit_kwargs,
+  )
+
+
+def _assert_same(got, want, before):
+  """Same step up to float reassociation.
+
+  Each parameter may differ by a few ulps plus 1e-5 of its leaf's largest
+  update: the text prompts' gradient comes through the text tower, and even
+  the plain vmap over 1 or 4 episodes differs by 2e-6 of that update there.
+  """
+  (state, metrics), (state_want, metrics_want) = got, want
+  for a, b, b0 in zip(jax.tree.leaves(state["params"]),
+                      jax.tree.leaves(state_want["params"]),
+                      jax.tree.leaves(before["params"])):  # fmt: skip
+    update = float(np.max(np.abs(np.asarray(b) - np.asarray(b0))))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5 * update)
+  assert int(state["step"]) == int(state_want["step"])
+  for k in metrics_want:
+    np.testing.assert_allclose(metrics[k], metrics_want[k], rtol=1e-5,
+                               err_msg=k)  # fmt: skip
+
+
+def test_chunked_train_step_equals_the_vmapped_one(step_inputs):
+  want = _step(step_inputs, 0)(*step_inputs["args"])
+  # Not a no-op comparison: the step changed the parameters.
+  moved = jax.tree.leaves(want[0]["params"])[0]
+  assert not np.allclose(moved, jax.tree.leaves(
+      step_inputs["args"][0]["params"])[0])  # fmt: skip
+  for chunk in (1, 2):
+    _assert_same(_step(step_inputs, chunk)(*step_inputs["args"]), want,
+                 step_inputs["args"][0])  # fmt: skip
+
+
+def test_chunked_step_on_a_mesh_keeps_episodes_on_their_devices(step_inputs):
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (the root conftest forces 8 CPU devices)")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("episode",))
+  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state, ep_data, frozen, cache, clip_params, key = step_inputs["args"]
+  state = {
+      "params": jax.device_put(state["params"], by_episode),
+      "opt": jax.device_put(state["opt"], by_episode),
+      "step": jax.device_put(state["step"], replicated),
+  }
+  args = (
+      state,
+      jax.device_put(ep_data, by_episode),
+      jax.device_put(frozen, by_episode),
+      jax.device_put(cache, replicated),
+      jax.device_put(clip_params, replicated),
+      key,
+  )
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  # 2 episodes at once: one on each device per loop iteration.
+  step = _step(step_inputs, 2, out_shardings=(state_shardings, by_episode))
+  hlo = step.lower(*args).compile().as_text()
+  assert "while" in hlo  # the chunked form, not a plain vmap
+  for collective in ("all-gather", "all-to-all", "collective-permute",
+                     "all-reduce"):  # fmt: skip
+    assert collective not in hlo, collective
+  got = step(*args)
+  assert got[0]["params"]["fusion"]["wq"].sharding.spec == P("episode")
+  _assert_same(got, _step(step_inputs, 0)(*step_inputs["args"]),
+               step_inputs["args"][0])  # fmt: skip
