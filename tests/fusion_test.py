@@ -123,3 +123,25 @@ def test_narrow_products_and_their_gradients_equal_einsum():
   # Under vmap, as the model maps it over layers and episodes.
   got = jax.vmap(fusion.project)(jnp.stack([x, -x]), jnp.stack([w, w]))
   np.testing.assert_allclose(got[1], -fusion.project(x, w), atol=1e-5)
+
+
+def test_dense_and_its_gradients_equal_matmul():
+  # Leading axes are flattened for the weight gradient; under vmap (layers,
+  # episodes) every batch element keeps its own weight gradient.
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(2, 3, 7, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 6, 4)), jnp.float32)
+  out = jnp.asarray(rng.normal(size=(2, 3, 7, 4)), jnp.float32)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(out * jnp.tanh(jax.vmap(f)(x, w)))
+
+  ref = lambda x, w: x @ w
+  np.testing.assert_allclose(
+      jax.vmap(fusion.dense)(x, w), jax.vmap(ref)(x, w), rtol=1e-6
+  )
+  got = jax.jit(jax.grad(loss(fusion.dense), argnums=(0, 1)))(x, w)
+  want = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(got[1][0] - got[1][1])).max() > 1e-3
