@@ -10,7 +10,9 @@ excluded, the contenders' repeats interleaved, and medians with their spread:
    `torch.compile` and freezing under `torch.no_grad`. f32 and bf16 (Flax
    dtype bf16 with bf16 parameters; PyTorch autocast bf16). The JAX FLOP rate
    from XLA's cost analysis is reported as a share of the machine's measured
-   f32 FMA peak (MFU).
+   f32 FMA peak (MFU): register-bound FMA chains in C (`fma_peak.c`, built
+   with the host's compiler by `native_peak.py`), with XLA's own FMA loop
+   and a matmul as fallbacks.
 2. Few-shot sweep: E episodes of the UltraAD head trained for the same number
    of steps by this project's engine (feature cache + episode-vmapped jitted
    `train.train_step`) against a peer-style PyTorch loop (per episode and
