@@ -49,7 +49,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 import warnings
@@ -368,15 +367,7 @@ def fma_peak(repeats=5):
   def run():
     jax.block_until_ready(small(x_small))
 
-  best = math.inf
-  for _ in range(repeats):
-    threads = [threading.Thread(target=run) for _ in range(cores)]
-    start = time.perf_counter()
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    best = min(best, time.perf_counter() - start)
+  best = min(native_peak.on_threads(run, cores) for _ in range(repeats))
   out["threads_gflops"] = cores * flops_small / best / 1e9
   out["fma_loop_gflops"] = max(out["parallel_call_gflops"],
                                out["threads_gflops"])  # fmt: skip

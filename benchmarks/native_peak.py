@@ -79,11 +79,17 @@ def build(width, isa_flags, workdir):
   return dll
 
 
-def _on_threads(fn, threads):
+def on_threads(fn, threads):
   """Wall seconds of `fn` run once on each of `threads` Python threads.
 
-  ctypes releases the GIL during the foreign call, so the threads run on
-  separate cores at once.
+  Args:
+    fn: a callable that releases the GIL while it works (a ctypes call, a
+      JAX computation waited on), so that the threads run on separate cores
+      at once.
+    threads: how many threads.
+
+  Returns:
+    Seconds from the first start to the last finish.
   """
   workers = [threading.Thread(target=fn) for _ in range(threads)]
   start = time.perf_counter()
@@ -125,7 +131,7 @@ def measure(flags, cores, repeats=5, seconds=0.3):
       if time.perf_counter() - start > seconds / 4 or n > 1 << 34:
         break
       n *= 4
-    best = min(_on_threads(lambda: dll.clock_chain(n, 7), 1)
+    best = min(on_threads(lambda: dll.clock_chain(n, 7), 1)
                for _ in range(repeats))  # fmt: skip
     clock_ghz = n * 8 * _IMUL_LATENCY / best / 1e9
 
@@ -134,8 +140,8 @@ def measure(flags, cores, repeats=5, seconds=0.3):
     # Two FMA units retire the chains of one iteration in chains / 2 cycles.
     iters = max(1, int(seconds * clock_ghz * 1e9 / (chains / 2)))
     call = lambda: dll.fma_chains(iters, 0.999999, 1e-7)
-    one = min(_on_threads(call, 1) for _ in range(repeats))
-    everyone = min(_on_threads(call, cores) for _ in range(repeats))
+    one = min(on_threads(call, 1) for _ in range(repeats))
+    everyone = min(on_threads(call, cores) for _ in range(repeats))
   return {
       "c_fma_gflops": cores * iters * flops_per_iter / everyone / 1e9,
       "c_fma_gflops_one_core": iters * flops_per_iter / one / 1e9,
