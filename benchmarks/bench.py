@@ -1896,6 +1896,8 @@ def _print_summary(results):
   for key, row in sweep.items():
     if isinstance(row, dict) and "jax_s" in row:
       line = f"sweep E={key}: JAX {row['jax_s']:.2f} s"
+      if row.get("episode_chunk", 0) < int(key):
+        line += f" ({row['episode_chunk']} episodes at a time)"
       if "torch_s" in row:
         line += (
             f", peer ({sweep['peer_head']} head) {row['torch_s']:.2f} s"

@@ -144,6 +144,8 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
               "torch_init_s_per_episode"):  # fmt: skip
     assert math.isfinite(row[key]) and row[key] > 0, key
   assert row["torch_extrapolated"] and row["torch_episodes_run"] == 1
+  # The engine's own choice of episodes at once (train.episode_chunk).
+  assert row["episode_chunk"] >= 1 and 2 % row["episode_chunk"] == 0
   assert math.isfinite(row["final_loss"])
   # Same head, loss, initial parameters and optimiser on both sides: after
   # three steps (one of them at a non-zero learning rate) episode 0's loss
