@@ -255,3 +255,52 @@ def test_cross_dataset_queries_every_test_image(
   shots = json.loads((tmp_path / "shots.json").read_text())
   assert len(shots["episodes"]) == 8
   assert shots["meta"]["dataset"] == "us_phantom/all"
+
+
+def _numbers(tree, path=""):
+  """{path: value} of every number in a results tree."""
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items()
+            for k, v in _numbers(sub, f"{path}/{key}").items()}  # fmt: skip
+  if isinstance(tree, list):
+    return {k: v for i, sub in enumerate(tree)
+            for k, v in _numbers(sub, f"{path}/{i}").items()}  # fmt: skip
+  if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    return {path: float(tree)}
+  return {}
+
+
+def _assert_close_results(got_dir, want_dir):
+  got = _numbers(report.read_results(str(got_dir)))
+  want = _numbers(report.read_results(str(want_dir)))
+  assert got.keys() == want.keys()
+  assert len(want) > 50  # every metric of every episode, not an empty file
+  for key, value in want.items():
+    # Float reassociation only: the episodes' math is the same.
+    np.testing.assert_allclose(got[key], value, atol=1e-3, err_msg=key)
+
+
+def test_episodes_a_few_at_a_time_match_the_vmapped_run(
+    trained, data_dir, tmp_path
+):
+  # train.episode_chunk=2: the 8 episodes run 2 at a time inside the step.
+  config = tiny_config(data_dir, {**BASE, "train.episode_chunk": 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  _assert_close_results(tmp_path, trained)
+
+
+def test_chunked_validation_steps_match_the_vmapped_run(data_dir, tmp_path):
+  # Early stopping's validation step runs chunked too.
+  extra = {**BASE, "train.val_fraction": 0.5, "train.val_every": 1}
+  for chunk in (0, 2):
+    config = tiny_config(data_dir, {**extra, "train.episode_chunk": chunk})
+    train.train_and_evaluate(config, str(tmp_path / str(chunk)))
+  _assert_close_results(tmp_path / "2", tmp_path / "0")
+  results = report.read_results(str(tmp_path / "2"))
+  assert results["selection"] == report.SELECTION_EARLY_STOPPING
+
+
+def test_episode_chunk_must_divide_the_episodes(data_dir, tmp_path):
+  config = tiny_config(data_dir, {**BASE, "train.episode_chunk": 3})
+  with pytest.raises(ValueError, match=r"train.episode_chunk=3.*divide the 8"):
+    train.train_and_evaluate(config, str(tmp_path))
