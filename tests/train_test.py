@@ -302,5 +302,7 @@ def test_chunked_validation_steps_match_the_vmapped_run(data_dir, tmp_path):
 
 def test_episode_chunk_must_divide_the_episodes(data_dir, tmp_path):
   config = tiny_config(data_dir, {**BASE, "train.episode_chunk": 3})
-  with pytest.raises(ValueError, match=r"train.episode_chunk=3.*divide the 8"):
+  with pytest.raises(
+      ValueError, match=r"train.episode_chunk=3.*divide the 8.*\[1, 2, 4, 8\]"
+  ):
     train.train_and_evaluate(config, str(tmp_path))

@@ -182,7 +182,8 @@ def validate(config):
     _fail(
         "train.episode_chunk",
         t.episode_chunk,
-        f"must be 0 (automatic) or divide the {local} episode(s) per device",
+        f"must be 0 (automatic) or divide the {local} episode(s) per device: "
+        f"one of {[d for d in range(1, local + 1) if local % d == 0]}",
     )
   # Sizes and layers against the backbone's own config (no weights loaded).
   dims = backbone_dims(config)
