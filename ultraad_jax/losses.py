@@ -125,9 +125,14 @@ def dice_loss(
   b = probs.shape[0]
   p = probs.reshape(b, -1)
   y = targets.astype(probs.dtype).reshape(b, -1)
+  return weighted_mean(_dice_terms(p, y, smooth)[0], weights)
+
+
+def _dice_terms(p, y, smooth):
+  """Per-sample 1 - dice of [B, P] rows, with |P.Y| and |P| + |Y| + s."""
   inter = jnp.sum(p * y, axis=-1)
-  dice = (2.0 * inter + smooth) / (jnp.sum(p, -1) + jnp.sum(y, -1) + smooth)
-  return weighted_mean(1.0 - dice, weights)
+  denom = jnp.sum(p, axis=-1) + jnp.sum(y, axis=-1) + smooth
+  return 1.0 - (2.0 * inter + smooth) / denom, inter, denom
 
 
 def _weight_coefficients(weights):
@@ -143,9 +148,7 @@ def _map_losses_fwd(logits, targets, focal_weights, dice_weights, gamma,
   y = targets.astype(z.dtype).reshape(b, -1)
   q, bce, s = _map_terms(z, y)
   focal_b = jnp.mean(q**gamma * bce, axis=-1)
-  inter = jnp.sum(s * y, axis=-1)
-  denom = jnp.sum(s, axis=-1) + jnp.sum(y, axis=-1) + smooth
-  dice_b = 1.0 - (2.0 * inter + smooth) / denom
+  dice_b, inter, denom = _dice_terms(s, y, smooth)
   out = (weighted_mean(focal_b, focal_weights),
          weighted_mean(dice_b, dice_weights))  # fmt: skip
   return out, (logits, targets, focal_weights, dice_weights, inter, denom)

@@ -47,6 +47,11 @@ def default_data_dir():
   )
 
 
+def divisors(n: int) -> list[int]:
+  """The divisors of n, ascending (episode chunk sizes that split n evenly)."""
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _fail(key, value, expected):
   raise ValueError(f"config.{key}={value!r} is invalid: {expected}")
 
@@ -183,7 +188,7 @@ def validate(config):
         "train.episode_chunk",
         t.episode_chunk,
         f"must be 0 (automatic) or divide the {local} episode(s) per device: "
-        f"one of {[d for d in range(1, local + 1) if local % d == 0]}",
+        f"one of {divisors(local)}",
     )
   # Sizes and layers against the backbone's own config (no weights loaded).
   dims = backbone_dims(config)

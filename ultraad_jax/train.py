@@ -344,17 +344,16 @@ def episode_chunk(setting, num_episodes, episode_axis, elements, backend):
     )
   if setting:
     if local % setting:
-      divisors = [d for d in range(1, local + 1) if local % d == 0]
       raise ValueError(
           f"train.episode_chunk={setting} does not divide the {local} "
           f"episodes per device ({num_episodes} episodes over {episode_axis} "
-          f"device(s)); use one of {divisors}."
+          f"device(s)); use one of {run_config.divisors(local)}."
       )
     return setting * episode_axis
   if backend != "cpu":
     return num_episodes
   fit = AUTO_CHUNK_ELEMENTS // max(elements, 1)
-  fitting = [d for d in range(2, min(fit, local) + 1) if local % d == 0]
+  fitting = [d for d in run_config.divisors(local) if 2 <= d <= fit]
   return max(fitting) * episode_axis if fitting else num_episodes
 
 
@@ -364,13 +363,14 @@ def map_episodes(fn, args, chunk):
   Args:
     fn: the function of one episode.
     args: a tuple of pytrees, each with the episode axis leading.
-    chunk: episodes at once (a divisor of E); E or more is a plain vmap.
+    chunk: episodes at once (a divisor of E); 0, or E or more, is a plain
+      vmap.
 
   Returns:
     What `jax.vmap(fn)(*args)` returns.
   """
   num = jax.tree.leaves(args)[0].shape[0]
-  if chunk >= num:
+  if chunk <= 0 or chunk >= num:
     return jax.vmap(fn)(*args)
   if num % chunk:
     raise ValueError(f"chunk {chunk} does not divide {num} episodes.")
@@ -486,7 +486,7 @@ def train_step(
       one,
       (state["params"], state["opt"], ep_data, frozen,
        jnp.arange(num_episodes)),
-      chunk or num_episodes,
+      chunk,
   )  # fmt: skip
   # Other entries (early stopping's "best", "best_val") pass through.
   return {**state, "params": params, "opt": opt, "step": step + 1}, metrics
@@ -536,9 +536,7 @@ def val_step(
     )
     return loss
 
-  loss = map_episodes(
-      one, (state["params"], frozen, ep_val), chunk or ep_val["rows"].shape[0]
-  )
+  loss = map_episodes(one, (state["params"], frozen, ep_val), chunk)
   better = loss < state["best_val"]
 
   def pick(best, new):
@@ -1184,9 +1182,8 @@ def _episode_chunk(num_episodes, episode_axis, test_shape, budget_gb):
   per_episode = 4 * int(np.prod(test_shape))  # float32 maps [N, H, W]
   fit = int(budget_gb * 2**30 // max(per_episode, 1))
   sizes = [
-      d
-      for d in range(episode_axis, num_episodes + 1, episode_axis)
-      if num_episodes % d == 0
+      episode_axis * d
+      for d in run_config.divisors(num_episodes // episode_axis)
   ]
   fitting = [d for d in sizes if d <= fit]
   return max(fitting) if fitting else sizes[0]
