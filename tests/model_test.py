@@ -447,3 +447,34 @@ def test_episode_axis_vmaps(ep):
   np.testing.assert_allclose(losses[1], l1, rtol=1e-4)
   p1 = fns["predict"](one, fns["frozen"](sup2), query, clip_params=bb.params)
   np.testing.assert_allclose(preds.maps[1], p1.maps, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion_mode", ["cross_attention", "none"])
+def test_fused_logits_path_matches_reference_path(ep, fusion_mode):
+  # The whole model (loss, gradients, predictions) with the fused layer
+  # logits against the reference path that writes the fused tokens.
+  bb, sup = ep["bb"], ep["support"]
+  fused = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0)
+  ref = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0,
+                          fused_logits=False)  # fmt: skip
+  f, r = _fns(fused, bb), _fns(ref, bb)
+  params = f["init"](jax.random.key(0), sup)
+  state = f["frozen"](sup)
+  params, _ = _adam_steps(f, params, state, sup, bb, 3)
+  key = jax.random.key(9)
+  (g_f, aux_f), (g_r, aux_r) = (
+      fns["grad"](params, state, sup, key, clip_params=bb.params)
+      for fns in (f, r)
+  )
+  np.testing.assert_allclose(aux_f["loss"], aux_r["loss"], rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_f)[0],
+                          jax.tree.leaves(g_r)):  # fmt: skip
+    np.testing.assert_allclose(
+        a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-12,
+        err_msg=jax.tree_util.keystr(path))  # fmt: skip
+  a, b = (
+      fns["predict"](params, state, ep["query"], clip_params=bb.params)
+      for fns in (f, r)
+  )
+  np.testing.assert_allclose(a.maps, b.maps, atol=1e-5)
+  np.testing.assert_allclose(a.image_score, b.image_score, atol=1e-5)

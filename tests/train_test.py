@@ -9,6 +9,7 @@ The metrics themselves are checked against scikit-learn in metrics_test.py.
 import json
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -25,6 +26,23 @@ BASE = {
     "episodes.num_episodes": 8,
     "eval.baselines": ("center_prior",),
 }
+
+
+def test_gather_support_reads_each_layer_of_each_row():
+  rng = np.random.default_rng(0)
+  cache = (rng.normal(size=(7, 3)), rng.normal(size=(4, 7, 5, 3)),
+           rng.integers(0, 2, size=(7, 6, 6)).astype(np.uint8))  # fmt: skip
+  on_device = tuple(jax.numpy.asarray(a) for a in cache)
+  rows = np.asarray([[6, 0, 3], [2, 2, 5]], np.int32)
+  ep = {"rows": rows, "labels": rows * 0, "group": rows, "text_embed": rows}
+  # Vmapped over episodes, as in the train step.
+  got = jax.jit(jax.vmap(lambda e: train.gather_support(on_device, e)))(ep)
+  for e in range(2):
+    np.testing.assert_array_equal(got.patch_tokens[e],
+                                  cache[1][:, rows[e]].astype(np.float32))  # fmt: skip
+    np.testing.assert_array_equal(got.global_embed[e],
+                                  cache[0][rows[e]].astype(np.float32))  # fmt: skip
+    np.testing.assert_array_equal(got.masks[e], cache[2][rows[e]])
 
 
 @pytest.fixture(scope="module")

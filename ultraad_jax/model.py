@@ -18,7 +18,9 @@ Pipeline (docs/METHOD.md has the stated/reconstructed split):
   1. Image-informed prompts: learnable contexts around the normal / abnormal
      class words, fused with the query's global token (prompts.py).
   2. Patch tokens of each tapped layer -> residual adapter -> fusion with the
-     image-informed prompt features (fusion.py).
+     image-informed prompt features (fusion.py; by default computed as
+     the layer logits' dot products without writing the tokens,
+     fused_logits.py).
   3. Per-layer softmax over [normal, abnormal] cosines -> upsampled logits ->
      mean over layers (+ optional normal patch memory) -> Gaussian smoothing
      -> image score mixed with the global prompt probability (maps.py).
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ultraad_jax import baselines
+from ultraad_jax import fused_logits
 from ultraad_jax import fusion
 from ultraad_jax import losses
 from ultraad_jax import maps
@@ -87,6 +90,10 @@ class ModelConfig:
   adapter: bool = True
   adapter_reduction: int = 4
   adapter_residual: float = 0.8
+  # Compute the layer logits from dot products of the tokens (fused_logits.py)
+  # instead of writing the adapted and fused tokens: same function, far less
+  # memory traffic. "gated" fusion always takes the reference path.
+  fused_logits: bool = True
   # Output-layer scale of residual branches at init (0: exact identity).
   init_scale: float = 0.1
   # Maps: softmax temperature, layer combination, normal patch memory map
@@ -523,14 +530,20 @@ def _forward(params, state, global_embed, patch_tokens, exclude, *, cfg,
       state["prompt_eot"], g, mode=cfg.prompt_mode, backbone=backbone,
       clip_params=clip_params,
   )  # fmt: skip  # [B, 2, D], unit norm
-  x = fusion.rms_normalize(p)
-  if cfg.adapter:
-    x = fusion.adapter_apply(params["adapter"], x, cfg.adapter_residual)
-  x = fusion.apply(params.get("fusion", {}), x, text, mode=cfg.fusion,
-                   temperature=cfg.temperature)  # fmt: skip
+  if cfg.fused_logits and cfg.fusion in fused_logits.SUPPORTED_FUSION:
+    logits = fused_logits.layer_logits(
+        params.get("adapter"), params.get("fusion"), p, text,
+        residual=cfg.adapter_residual, temperature=cfg.temperature,
+    )  # fmt: skip
+  else:
+    x = fusion.rms_normalize(p)
+    if cfg.adapter:
+      x = fusion.adapter_apply(params["adapter"], x, cfg.adapter_residual)
+    x = fusion.apply(params.get("fusion", {}), x, text, mode=cfg.fusion,
+                     temperature=cfg.temperature)  # fmt: skip
+    logits = maps.text_logits(x, text, cfg.temperature)
   layer_logits = maps.upsample(
-      maps.text_logits(x, text, cfg.temperature),
-      map_size or backbone.image_size,
+      logits, map_size or backbone.image_size
   )  # [L, B, H, W]
   cos = jnp.einsum("bd,bcd->bc", maps.l2_normalize(g), text)
   global_logit = (cos[:, 1] - cos[:, 0]) / cfg.temperature
