@@ -180,6 +180,59 @@ def test_encode_text_embeddings_is_differentiable(tiny):
     assert np.abs(grads[row, end + 1 :]).max() == 0
 
 
+@pytest.mark.parametrize("groups,prefix_len", [(1, 1), (3, 5), (2, 9)])
+def test_shared_prefix_encoding_equals_whole_prompts(tiny, groups, prefix_len):
+  # Fresh random embeddings: each group's T = 3 prompts share their first
+  # prefix_len positions (a learnable context), then differ; EOTs differ.
+  rng = np.random.default_rng(groups * 10 + prefix_len)
+  t, s, w = 3, 12, tiny.text_width
+  head = rng.normal(size=(groups, 1, prefix_len, w))
+  tail = rng.normal(size=(groups, t, s - prefix_len, w))
+  eot = np.asarray([prefix_len, s - 1, prefix_len + 1], np.int32)
+
+  def whole(head, tail):
+    full = jnp.concatenate(
+        [jnp.broadcast_to(head, (groups, t) + head.shape[2:]), tail], axis=2
+    )
+    out = tiny.encode_text_embeddings(
+        tiny.params, full.reshape(groups * t, s, w), jnp.tile(eot, groups)
+    )
+    return out.reshape(groups, t, -1)
+
+  def shared(head, tail):
+    full = jnp.concatenate(
+        [jnp.broadcast_to(head, (groups, t) + head.shape[2:]), tail], axis=2
+    )
+    return tiny.encode_text_shared_prefix(tiny.params, full, eot, prefix_len)
+
+  args = (jnp.asarray(head, jnp.float32), jnp.asarray(tail, jnp.float32))
+  ref, got = jax.jit(whole)(*args), jax.jit(shared)(*args)
+  assert got.shape == ref.shape == (groups, t, tiny.embed_dim)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # Gradients reach the shared prefix (summed over the prompts) and the
+  # suffixes alike.
+  weights = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+  grads = [
+      jax.jit(jax.grad(lambda *a, f=f: jnp.sum(weights * f(*a)), (0, 1)))(*args)
+      for f in (whole, shared)
+  ]
+  for a, b in zip(grads[1], grads[0]):
+    assert float(jnp.abs(b).max()) > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(b).max()))  # fmt: skip
+
+
+def test_shared_prefix_encoding_refuses_bad_inputs(tiny):
+  w = tiny.text_width
+  emb = np.zeros((1, 2, 10, w), np.float32)
+  with pytest.raises(ValueError, match="must lie in"):
+    tiny.encode_text_shared_prefix(tiny.params, emb, np.asarray([3, 9]), 4)
+  with pytest.raises(ValueError, match=r"\[G, T, S"):
+    tiny.encode_text_shared_prefix(tiny.params, emb[0], np.asarray([5, 9]), 4)
+  with pytest.raises(ValueError, match="eot_positions must be"):
+    tiny.encode_text_shared_prefix(tiny.params, emb, np.asarray([5]), 4)
+
+
 # ----------------------------------------------------------------------------
 # Loading: formats, cache, tokenizer files, activation.
 # ----------------------------------------------------------------------------

@@ -132,3 +132,47 @@ def test_trimmed_ids_encode_like_padded_ones(bb):
   enc = jax.jit(bb.encode_text)
   np.testing.assert_allclose(enc(bb.params, short), enc(bb.params, ids),
                              rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", prompts.PROMPT_MODES)
+@pytest.mark.parametrize("n_sets", [1, 2])
+def test_image_informed_runs_a_shared_context_once(bb, mode, n_sets,
+                                                   monkeypatch):  # fmt: skip
+  # A shared context takes the shared-prefix text tower (1 + n_ctx common
+  # positions); class-specific contexts run whole. Either way the features
+  # equal those of whole prompts, values and gradients.
+  ids, eot = prompts.build_prompt_ids(bb, TEXTS, n_ctx=4)
+  emb = prompts.token_embeddings(bb, bb.params, ids)
+  ctx = prompts.context_init(jax.random.key(0), bb, bb.params, n_ctx=4,
+                             init_text="random", std=0.5,
+                             n_sets=n_sets)  # fmt: skip
+  kw = dict(mode=mode, dim=64, text_width=64, num_prompts=2, reduction=4,
+            ctx_std=0.02)  # fmt: skip
+  meta = prompts.meta_net_init(jax.random.key(1), init_scale=3.0, **kw)
+  g = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64)), jnp.float32)
+  seen = []
+  encode = prompts.encode
+
+  def spy(*args):
+    seen.append(args[4] if len(args) > 4 else 0)
+    return encode(*args)
+
+  def whole(*args):
+    return encode(*args[:4])
+
+  def loss(ctx, meta):
+    o = prompts.image_informed(ctx, meta, emb, jnp.asarray(eot), g, mode=mode,
+                               backbone=bb, clip_params=bb.params)  # fmt: skip
+    return jnp.sum(o * jnp.arange(64.0)), o
+
+  results = []
+  for fn in (spy, whole):
+    monkeypatch.setattr(prompts, "encode", fn)
+    results.append(jax.value_and_grad(loss, (0, 1), has_aux=True)(ctx, meta))
+  assert seen == [5 if n_sets == 1 else 0]
+  (_, got), g_got = results[0]
+  (_, want), g_want = results[1]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(b).max()))  # fmt: skip

@@ -803,6 +803,80 @@ class Backbone:
     )
     return out.astype(jnp.float32)
 
+  def encode_text_shared_prefix(
+      self, params, token_embeddings, eot_positions, prefix_len: int
+  ) -> jax.Array:
+    """`encode_text_embeddings` for groups of prompts with a common start.
+
+    Learnable prompts with one shared context ("[SOT] ctx_1..ctx_n <class
+    words> [EOT]") agree on their first 1 + n positions. The text tower is
+    causal, so those positions' hidden states are the same in every prompt
+    of a group: here they run once per group, and each prompt's remaining
+    positions attend to the group's cached prefix keys and values. Same
+    function as `encode_text_embeddings` (the masked attention entries it
+    skips weigh exactly 0 there); with CoOp's 12 context slots and the
+    default prompts it runs 13 + 2 x 8 instead of 2 x 21 positions.
+
+    Args:
+      params: FlaxCLIPModel parameters.
+      token_embeddings: [G, T, S, W]; within each group g, the first
+        `prefix_len` positions must be equal in all T rows (only row 0's
+        are read).
+      eot_positions: [T] end-of-text positions, each >= prefix_len.
+      prefix_len: P, 1 <= P <= S.
+
+    Returns:
+      [G, T, D] float32 text features.
+    """
+    shape = tuple(token_embeddings.shape)
+    if (
+        len(shape) != 4
+        or not 1 <= prefix_len <= shape[2] <= self.context_length
+        or shape[3] != self.text_width
+    ):
+      raise ValueError(
+          f"token_embeddings must be [G, T, S, {self.text_width}] with "
+          f"prefix_len={prefix_len} <= S <= {self.context_length}, got shape "
+          f"{shape}."
+      )
+    if tuple(eot_positions.shape) != shape[1:2]:
+      raise ValueError(
+          f"eot_positions must be [T] = [{shape[1]}], got shape "
+          f"{tuple(eot_positions.shape)}."
+      )
+    if isinstance(eot_positions, np.ndarray) and eot_positions.size:
+      if eot_positions.min() < prefix_len or eot_positions.max() >= shape[2]:
+        raise ValueError(
+            f"eot_positions {eot_positions.tolist()} must lie in "
+            f"[prefix_len={prefix_len}, {shape[2]})."
+        )
+    emb = jnp.asarray(token_embeddings)
+    prefix, suffix = emb[:, 0, :prefix_len], emb[:, :, prefix_len:]
+
+    def forward(module, prefix, suffix, eot):
+      text = module.text_model
+      position = text.embeddings.position_embedding
+      g, t, s, w = suffix.shape
+      hp = prefix + position(jnp.arange(prefix_len))  # [G, P, W]
+      hs = suffix + position(prefix_len + jnp.arange(s))  # [G, T, S', W]
+      h = jnp.concatenate([hp, hs.reshape(g, t * s, w)], axis=1)
+      for layer in text.encoder.layers.layers:
+        h = _prefix_block(layer, h, prefix_len, (t, s),
+                          self.config.text_config)  # fmt: skip
+      hs = text.final_layer_norm(h[:, prefix_len:].reshape(g, t, s, w))
+      index = (eot - prefix_len)[None, :, None, None]
+      pooled = jnp.take_along_axis(hs, index, axis=2)[:, :, 0]
+      return module.text_projection(pooled)
+
+    out = self.module.apply(
+        {"params": params},
+        prefix,
+        suffix,
+        jnp.asarray(eot_positions, jnp.int32),
+        method=forward,
+    )
+    return out.astype(jnp.float32)
+
   # Tokenizer.
   @functools.cached_property
   def tokenizer(self) -> transformers.PreTrainedTokenizerBase:
@@ -843,6 +917,55 @@ class Backbone:
 # ----------------------------------------------------------------------------
 # Construction.
 # ----------------------------------------------------------------------------
+
+
+def _split_heads(x, heads):
+  return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
+
+
+def _attention(q, k, v, bias):
+  """Flax's dot-product attention (query scaled first), heads on axis -2."""
+  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  w = jnp.einsum("...qhd,...khd->...hqk", q, k) + bias
+  w = jax.nn.softmax(w).astype(q.dtype)
+  out = jnp.einsum("...hqk,...khd->...qhd", w, v)
+  return out.reshape(out.shape[:-2] + (-1,))
+
+
+def _prefix_block(layer, h, prefix_len, suffix_shape, config):
+  """One text block on rows [G, P + T * S, W]: a shared prefix, T suffixes.
+
+  Every row-wise part (LayerNorms, projections, MLP) runs on all rows in one
+  product; only the attention splits them. The prefix attends causally to
+  itself; every suffix position attends to the whole prefix and causally to
+  its own suffix. Masked entries get the dtype's minimum as bias, as in
+  transformers' Flax CLIP.
+  """
+  heads = config.num_attention_heads
+  attn = layer.self_attn
+  g, p = h.shape[0], prefix_len
+  t, s = suffix_shape
+
+  def split(x):  # [G, P + T * S, W] -> [G, P, heads, dh], [G, T, S, heads, dh]
+    x = _split_heads(x, heads)
+    return x[:, :p], x[:, p:].reshape((g, t, s) + x.shape[2:])
+
+  x = layer.layer_norm1(h)
+  (qp, qs), (kp, ks), (vp, vs) = (
+      split(f(x)) for f in (attn.q_proj, attn.k_proj, attn.v_proj)
+  )
+  low = jnp.finfo(qp.dtype).min
+  causal_p = jnp.where(jnp.tril(jnp.ones((p, p), bool)), 0.0, low)
+  causal_s = jnp.where(jnp.tril(jnp.ones((s, s), bool)), 0.0, low)
+  bias_s = jnp.concatenate([jnp.zeros((s, p)), causal_s], axis=1)
+  out_p = _attention(qp, kp, vp, causal_p.astype(qp.dtype))
+  expand = lambda a: jnp.broadcast_to(a[:, None], (g, t) + a.shape[1:])
+  k_all = jnp.concatenate([expand(kp), ks], axis=2)
+  v_all = jnp.concatenate([expand(vp), vs], axis=2)
+  out_s = _attention(qs, k_all, v_all, bias_s.astype(qs.dtype))
+  out = jnp.concatenate([out_p, out_s.reshape((g, t * s, -1))], axis=1)
+  h = h + attn.out_proj(out)
+  return h + layer.mlp(layer.layer_norm2(h))
 
 
 def from_config(

@@ -216,14 +216,34 @@ def assemble(ctx: jax.Array, token_embeds: jax.Array) -> jax.Array:
   return jnp.concatenate([sot, ctx, rest], axis=-2)
 
 
-def encode(backbone, clip_params, embeds: jax.Array, eot: jax.Array):
-  """Frozen text tower on [..., C, S, W] prompt embeddings -> [..., C, D]."""
+def encode(
+    backbone, clip_params, embeds: jax.Array, eot: jax.Array, prefix_len=0
+):
+  """Frozen text tower on [..., C, S, W] prompt embeddings -> [..., C, D].
+
+  Args:
+    backbone: the clip.Backbone.
+    clip_params: its parameters (no gradient flows to them).
+    embeds: [..., C, S, W] prompt token embeddings.
+    eot: [C] EOT positions.
+    prefix_len: P > 0 when the C prompts of each leading index share their
+      first P embeddings (a shared context): those positions then run once
+      (`Backbone.encode_text_shared_prefix`). 0 runs every prompt whole.
+
+  Returns:
+    [..., C, D] text features.
+  """
+  clip_params = jax.lax.stop_gradient(clip_params)
   lead = embeds.shape[:-2]
-  flat = embeds.reshape((-1,) + embeds.shape[-2:])
-  eot_flat = jnp.broadcast_to(eot, lead).reshape(-1)
-  out = backbone.encode_text_embeddings(
-      jax.lax.stop_gradient(clip_params), flat, eot_flat
-  )
+  if prefix_len:
+    groups = embeds.reshape((-1,) + embeds.shape[-3:])
+    out = backbone.encode_text_shared_prefix(
+        clip_params, groups, eot, prefix_len
+    )
+  else:
+    flat = embeds.reshape((-1,) + embeds.shape[-2:])
+    eot_flat = jnp.broadcast_to(eot, lead).reshape(-1)
+    out = backbone.encode_text_embeddings(clip_params, flat, eot_flat)
   return out.reshape(lead + out.shape[-1:])
 
 
@@ -255,15 +275,19 @@ def image_informed(
   """
   f = fusion.rms_normalize(global_embed)
   c = token_embeds.shape[0]
+  # A shared context: [SOT] and the context slots start every prompt.
+  prefix = 1 + ctx.shape[-2] if ctx.shape[-3] == 1 else 0
   if mode == "output":
-    text = encode(backbone, clip_params, assemble(ctx, token_embeds), eot)
+    text = encode(backbone, clip_params, assemble(ctx, token_embeds), eot,
+                  prefix)  # fmt: skip
     delta = fusion.bottleneck_apply(meta_params, f)
     delta = delta.reshape(f.shape[0], c, -1)
     return maps.l2_normalize(fusion.rms_normalize(text)[None] + delta)
   if mode == "input":
     bias = fusion.bottleneck_apply(meta_params, f)  # [B, W]
     shifted = ctx[None] + bias[:, None, None, :]
-    text = encode(backbone, clip_params, assemble(shifted, token_embeds), eot)
+    text = encode(backbone, clip_params, assemble(shifted, token_embeds), eot,
+                  prefix)  # fmt: skip
     return maps.l2_normalize(text)
   raise ValueError(f"prompt_mode={mode!r}; expected one of {PROMPT_MODES}.")
 
