@@ -73,6 +73,37 @@ def test_use_hugepage_malloc_restarts_once_with_the_same_command():
         "start", "start", "tunables " + expected["GLIBC_TUNABLES"]]  # fmt: skip
 
 
+def test_configure_turns_the_compilation_cache_on_after_jax_is_imported(
+    tmp_path,
+):
+  # main.py imports JAX (through the config) before configure() runs; the
+  # cache must be on anyway, and a second process must reuse its entries.
+  code = (
+      "import os, sys; sys.path.insert(0, os.getcwd());"
+      "import jax;"
+      "from ultraad_jax import xla_env;"
+      "xla_env.configure();"
+      "print(jax.config.jax_compilation_cache_dir);"
+      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0);"
+      "f = jax.jit(lambda x: jax.numpy.sin(x) @ x.T);"
+      "print(float(f(jax.numpy.ones((64, 64))).sum()))"
+  )
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_PERSISTENT") and k != "JAX_COMPILATION_CACHE_DIR"}  # fmt: skip
+  env["HOME"] = str(tmp_path)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda: subprocess.run(
+      [sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+      text=True, check=True).stdout.split("\n")  # fmt: skip
+  first = run()
+  cache = tmp_path / ".cache" / "ultraad_jax" / "jax"
+  assert first[0] == str(cache)
+  entries = sorted(p.name for p in cache.iterdir())
+  assert any(name.startswith("jit_") for name in entries), entries
+  assert run()[:2] == first[:2]
+  assert sorted(p.name for p in cache.iterdir()) == entries  # reused
+
+
 def test_head_compiler_options_by_size_and_accepted_by_xla():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

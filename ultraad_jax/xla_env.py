@@ -64,11 +64,25 @@ def configure(dump_hlo_dir=None, compilation_cache=True):
     flags += f" --xla_dump_to={dump_hlo_dir} --xla_dump_hlo_as_text"
   os.environ["XLA_FLAGS"] = flags.strip()
   if compilation_cache:
-    os.environ.setdefault(
+    cache_dir = os.environ.setdefault(
         "JAX_COMPILATION_CACHE_DIR",
         os.path.join(os.path.expanduser("~"), ".cache", "ultraad_jax", "jax"),
     )
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    min_secs = os.environ.setdefault(
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1"
+    )
+    # JAX reads these variables when it is imported. main.py's flag parsing
+    # loads the config, and with it JAX, before this runs, so there the
+    # variables alone left the cache off and every run recompiled its steps
+    # (13 s of the demo's 45). The cache is only opened at the first
+    # compilation, so setting the options now still takes effect.
+    if "jax" in sys.modules:
+      import jax  # pylint: disable=g-import-not-at-top
+
+      jax.config.update("jax_compilation_cache_dir", cache_dir)
+      jax.config.update(
+          "jax_persistent_cache_min_compile_time_secs", float(min_secs)
+      )
   # Multi-host TPU/GPU pods: initialise the distributed runtime when the
   # launcher said so (a coordinator address is set in the environment).
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
