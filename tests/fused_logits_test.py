@@ -65,8 +65,11 @@ def _check(adapter_on, attn_on, residual, dtype, rtol, atol, seed=0):
   adapter, attn, patches, text = _inputs(seed, dtype, adapter_on, attn_on)
   ref = jax.jit(_reference, static_argnums=4)(adapter, attn, patches, text,
                                               residual)  # fmt: skip
-  got = jax.jit(_fused, static_argnums=4)(adapter, attn, patches, text,
-                                          residual)  # fmt: skip
+  # A fresh function per call: jit's cache must not serve a trace made
+  # under the other _MIN_RIDE_ALONG.
+  got = jax.jit(lambda *a: _fused(*a), static_argnums=4)(
+      adapter, attn, patches, text, residual
+  )
   assert got.shape == (L, B, N) and got.dtype == dtype
   np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
 
@@ -121,7 +124,11 @@ def _textbook(adapter, attn, patches, text, residual):
 
 @pytest.mark.parametrize("adapter_on,attn_on", CASES)
 @pytest.mark.parametrize("residual", [0.8, 0.3])
-def test_algebra_exact_in_float64(adapter_on, attn_on, residual):
+@pytest.mark.parametrize("ride_along", [True, False])
+def test_algebra_exact_in_float64(adapter_on, attn_on, residual, ride_along,
+                                  monkeypatch):  # fmt: skip
+  monkeypatch.setattr(fused_logits, "_MIN_RIDE_ALONG", 10**6 if ride_along
+                      else 0)  # fmt: skip
   # In float64 only rounding at ~1e-15 separates the fused algebra from the
   # textbook form; an error in the algebra would show at 1e-2.
   with jax.enable_x64(True):
@@ -146,7 +153,12 @@ def test_algebra_exact_in_float64(adapter_on, attn_on, residual):
 
 
 @pytest.mark.parametrize("adapter_on,attn_on", CASES)
-def test_float32_close_to_reference(adapter_on, attn_on):
+@pytest.mark.parametrize("ride_along", [True, False])
+def test_float32_close_to_reference(adapter_on, attn_on, ride_along,
+                                    monkeypatch):  # fmt: skip
+  # Both ways of computing the per-image products (`_products`).
+  monkeypatch.setattr(fused_logits, "_MIN_RIDE_ALONG", 10**6 if ride_along
+                      else 0)  # fmt: skip
   _check(adapter_on, attn_on, 0.8, jnp.float32, rtol=2e-4, atol=2e-4, seed=5)
 
 
