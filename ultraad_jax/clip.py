@@ -67,6 +67,7 @@ import time
 from typing import Any, NamedTuple, Sequence
 
 from absl import logging
+import flax.linen as nn
 import flax.serialization
 import flax.traverse_util
 import jax
@@ -919,17 +920,14 @@ class Backbone:
 # ----------------------------------------------------------------------------
 
 
-def _split_heads(x, heads):
-  return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
+def _causal_bias(rows, prefix, dtype):
+  """[rows, prefix + rows] attention bias: the prefix open, the rest causal.
 
-
-def _attention(q, k, v, bias):
-  """Flax's dot-product attention (query scaled first), heads on axis -2."""
-  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  w = jnp.einsum("...qhd,...khd->...hqk", q, k) + bias
-  w = jax.nn.softmax(w).astype(q.dtype)
-  out = jnp.einsum("...hqk,...khd->...qhd", w, v)
-  return out.reshape(out.shape[:-2] + (-1,))
+  Masked entries get the dtype's minimum, as in transformers' Flax CLIP.
+  """
+  causal = jnp.tril(jnp.ones((rows, rows), bool))
+  allowed = jnp.concatenate([jnp.ones((rows, prefix), bool), causal], axis=1)
+  return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
 def _prefix_block(layer, h, prefix_len, suffix_shape, config):
@@ -938,8 +936,7 @@ def _prefix_block(layer, h, prefix_len, suffix_shape, config):
   Every row-wise part (LayerNorms, projections, MLP) runs on all rows in one
   product; only the attention splits them. The prefix attends causally to
   itself; every suffix position attends to the whole prefix and causally to
-  its own suffix. Masked entries get the dtype's minimum as bias, as in
-  transformers' Flax CLIP.
+  its own suffix.
   """
   heads = config.num_attention_heads
   attn = layer.self_attn
@@ -947,23 +944,25 @@ def _prefix_block(layer, h, prefix_len, suffix_shape, config):
   t, s = suffix_shape
 
   def split(x):  # [G, P + T * S, W] -> [G, P, heads, dh], [G, T, S, heads, dh]
-    x = _split_heads(x, heads)
+    x = x.reshape(x.shape[:-1] + (heads, -1))
     return x[:, :p], x[:, p:].reshape((g, t, s) + x.shape[2:])
 
   x = layer.layer_norm1(h)
   (qp, qs), (kp, ks), (vp, vs) = (
       split(f(x)) for f in (attn.q_proj, attn.k_proj, attn.v_proj)
   )
-  low = jnp.finfo(qp.dtype).min
-  causal_p = jnp.where(jnp.tril(jnp.ones((p, p), bool)), 0.0, low)
-  causal_s = jnp.where(jnp.tril(jnp.ones((s, s), bool)), 0.0, low)
-  bias_s = jnp.concatenate([jnp.zeros((s, p)), causal_s], axis=1)
-  out_p = _attention(qp, kp, vp, causal_p.astype(qp.dtype))
   expand = lambda a: jnp.broadcast_to(a[:, None], (g, t) + a.shape[1:])
-  k_all = jnp.concatenate([expand(kp), ks], axis=2)
-  v_all = jnp.concatenate([expand(vp), vs], axis=2)
-  out_s = _attention(qs, k_all, v_all, bias_s.astype(qs.dtype))
-  out = jnp.concatenate([out_p, out_s.reshape((g, t * s, -1))], axis=1)
+  # Flax's dot-product attention: what transformers' Flax CLIP computes.
+  out_p = nn.dot_product_attention(qp, kp, vp, _causal_bias(p, 0, qp.dtype))
+  out_s = nn.dot_product_attention(
+      qs,
+      jnp.concatenate([expand(kp), ks], axis=2),
+      jnp.concatenate([expand(vp), vs], axis=2),
+      _causal_bias(s, p, qs.dtype),
+  )
+  out = jnp.concatenate(
+      [out_p.reshape((g, p, -1)), out_s.reshape((g, t * s, -1))], axis=1
+  )
   h = h + attn.out_proj(out)
   return h + layer.mlp(layer.layer_norm2(h))
 

@@ -71,18 +71,18 @@ def configure(dump_hlo_dir=None, compilation_cache=True):
     min_secs = os.environ.setdefault(
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1"
     )
-    # JAX reads these variables when it is imported. main.py's flag parsing
-    # loads the config, and with it JAX, before this runs, so there the
-    # variables alone left the cache off and every run recompiled its steps
-    # (13 s of the demo's 45). The cache is only opened at the first
-    # compilation, so setting the options now still takes effect.
-    if "jax" in sys.modules:
-      import jax  # pylint: disable=g-import-not-at-top
+    # The variables reach child processes; this process gets the options
+    # directly. JAX reads the variables only when it is imported, and
+    # main.py's flag parsing imports it (through the config) before this
+    # runs: with the variables alone the cache stayed off and every run
+    # recompiled its steps (13 s of the demo's 45). The cache is opened at
+    # the first compilation, so setting the options now takes effect.
+    import jax  # pylint: disable=g-import-not-at-top
 
-      jax.config.update("jax_compilation_cache_dir", cache_dir)
-      jax.config.update(
-          "jax_persistent_cache_min_compile_time_secs", float(min_secs)
-      )
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(min_secs)
+    )
   # Multi-host TPU/GPU pods: initialise the distributed runtime when the
   # launcher said so (a coordinator address is set in the environment).
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
