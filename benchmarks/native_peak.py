@@ -100,6 +100,18 @@ def on_threads(fn, threads):
   return time.perf_counter() - start
 
 
+def cpu_seconds(fn):
+  """CPU seconds of `fn` in this thread (time it was descheduled excluded).
+
+  The clock and the one-core rate are both timed this way, so that another
+  process taking the core during one of them (tests run in parallel) cannot
+  make them disagree: the rate would then exceed what the clock allows.
+  """
+  start = time.thread_time()
+  fn()
+  return time.thread_time() - start
+
+
 def measure(flags, cores, repeats=5, seconds=0.3):
   """The FMA peak of all cores and the clock, best of `repeats`.
 
@@ -131,7 +143,7 @@ def measure(flags, cores, repeats=5, seconds=0.3):
       if time.perf_counter() - start > seconds / 4 or n > 1 << 34:
         break
       n *= 4
-    best = min(on_threads(lambda: dll.clock_chain(n, 7), 1)
+    best = min(cpu_seconds(lambda: dll.clock_chain(n, 7))
                for _ in range(repeats))  # fmt: skip
     clock_ghz = n * 8 * _IMUL_LATENCY / best / 1e9
 
@@ -140,7 +152,7 @@ def measure(flags, cores, repeats=5, seconds=0.3):
     # Two FMA units retire the chains of one iteration in chains / 2 cycles.
     iters = max(1, int(seconds * clock_ghz * 1e9 / (chains / 2)))
     call = lambda: dll.fma_chains(iters, 0.999999, 1e-7)
-    one = min(on_threads(call, 1) for _ in range(repeats))
+    one = min(cpu_seconds(call) for _ in range(repeats))
     everyone = min(on_threads(call, cores) for _ in range(repeats))
   return {
       "c_fma_gflops": cores * iters * flops_per_iter / everyone / 1e9,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ultraad_jax import losses
+from ultraad_jax import maps
 
 
 def _naive_focal(z, y, gamma):
@@ -119,3 +120,62 @@ def test_fused_map_losses_zero_weights_give_zero_and_finite_gradient():
   value, grad = jax.value_and_grad(fn)(z)
   assert value == 0.0
   assert np.all(grad == 0)
+
+
+def _upsampled_reference(g, y, wf, wd, gamma):
+  up = maps.upsample(g, y.shape[-1])
+  return jax.vmap(lambda z: losses.map_losses(
+      z, y, gamma=gamma, focal_weights=wf, dice_weights=wd))(up)  # fmt: skip
+
+
+def _upsampled_inputs(rng, episodes=None, layers=3, batch=4, grid=4, size=12):
+  lead = () if episodes is None else (episodes,)
+  g = rng.normal(size=lead + (layers, batch, grid * grid)) * 3
+  y = (rng.uniform(size=lead + (batch, size, size)) > 0.7).astype(np.float32)
+  wf = rng.uniform(size=lead + (batch,)) * (rng.uniform(size=batch) > 0.2)
+  wd = (rng.uniform(size=lead + (batch,)) > 0.3).astype(np.float32)
+  return tuple(jnp.asarray(x, jnp.float32) for x in (g, y, wf, wd))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_upsampled_map_losses_equal_upsample_then_map_losses(gamma):
+  # Values, and gradients for arbitrary cotangents on every layer's focal
+  # and dice terms (the backward pass combines the saved partials).
+  rng = np.random.default_rng(3 + int(gamma))
+  g, y, wf, wd = _upsampled_inputs(rng)
+  fused = lambda g: losses.upsampled_map_losses(
+      g, y, gamma=gamma, focal_weights=wf, dice_weights=wd)  # fmt: skip
+  ref = lambda g: _upsampled_reference(g, y, wf, wd, gamma)
+  (vf, vjp_f), (vr, vjp_r) = jax.vjp(fused, g), jax.vjp(ref, g)
+  np.testing.assert_allclose(vf, vr, rtol=1e-6, atol=1e-7)
+  cts = tuple(jnp.asarray(rng.normal(size=(2, 3)), jnp.float32))
+  (df,), (dr,) = vjp_f(cts), vjp_r(cts)
+  np.testing.assert_allclose(df, dr, atol=1e-5 * float(jnp.abs(dr).max()))
+  assert float(jnp.abs(dr).max()) > 0
+
+
+@pytest.mark.parametrize("chunk_episodes", [1, 2, 3, 6])
+def test_upsampled_map_losses_chunked_under_vmap(chunk_episodes):
+  # Vmapped over 6 episodes with room for `chunk_episodes` at once: the same
+  # values and gradients as the reference, and a loop in the program only
+  # when the episodes do not all fit.
+  rng = np.random.default_rng(chunk_episodes)
+  g, y, wf, wd = _upsampled_inputs(rng, episodes=6)
+  per_episode = 3 * 4 * 12 * 12
+
+  def total(fn):
+    def one(g, y, wf, wd):
+      focal, dice = fn(g, y, wf, wd)
+      return jnp.sum(focal * jnp.arange(1.0, 4.0)) + 2.0 * jnp.sum(dice)
+
+    return jax.vmap(jax.value_and_grad(one))
+
+  fused = total(lambda g, y, wf, wd: losses.upsampled_map_losses(
+      g, y, focal_weights=wf, dice_weights=wd,
+      chunk_elements=chunk_episodes * per_episode))  # fmt: skip
+  ref = total(lambda g, y, wf, wd: _upsampled_reference(g, y, wf, wd, 2.0))
+  (vf, gf), (vr, gr) = jax.jit(fused)(g, y, wf, wd), ref(g, y, wf, wd)
+  np.testing.assert_allclose(vf, vr, rtol=1e-6)
+  np.testing.assert_allclose(gf, gr, atol=1e-5 * float(jnp.abs(gr).max()))
+  text = jax.jit(fused).lower(g, y, wf, wd).as_text()
+  assert ("while" in text) == (chunk_episodes < 6)

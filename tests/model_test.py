@@ -449,15 +449,17 @@ def test_episode_axis_vmaps(ep):
   np.testing.assert_allclose(preds.maps[1], p1.maps, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion_mode", ["cross_attention", "none"])
-def test_fused_logits_path_matches_reference_path(ep, fusion_mode):
-  # The whole model (loss, gradients, predictions) with the fused layer
-  # logits against the reference path that writes the fused tokens.
+def _compare_training_paths(ep, cfg, ref_cfg, names):
+  """Same loss terms `names` and gradients from two configs' loss_fn.
+
+  Both start from the same parameters, after 3 Adam steps of the first (so
+  that the residual branches are no longer at their initial values).
+
+  Returns:
+    (cfg's jitted functions, ref_cfg's, the parameters, the frozen state).
+  """
   bb, sup = ep["bb"], ep["support"]
-  fused = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0)
-  ref = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0,
-                          fused_logits=False)  # fmt: skip
-  f, r = _fns(fused, bb), _fns(ref, bb)
+  f, r = _fns(cfg, bb), _fns(ref_cfg, bb)
   params = f["init"](jax.random.key(0), sup)
   state = f["frozen"](sup)
   params, _ = _adam_steps(f, params, state, sup, bb, 3)
@@ -466,15 +468,62 @@ def test_fused_logits_path_matches_reference_path(ep, fusion_mode):
       fns["grad"](params, state, sup, key, clip_params=bb.params)
       for fns in (f, r)
   )
-  np.testing.assert_allclose(aux_f["loss"], aux_r["loss"], rtol=1e-5)
+  for name in names:
+    np.testing.assert_allclose(aux_f[name], aux_r[name], rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_f)[0],
                           jax.tree.leaves(g_r)):  # fmt: skip
     np.testing.assert_allclose(
         a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()) + 1e-12,
         err_msg=jax.tree_util.keystr(path))  # fmt: skip
+  return f, r, params, state
+
+
+@pytest.mark.parametrize("fusion_mode", ["cross_attention", "none"])
+def test_fused_logits_path_matches_reference_path(ep, fusion_mode):
+  # The whole model (loss, gradients, predictions) with the fused layer
+  # logits against the reference path that writes the fused tokens.
+  bb = ep["bb"]
+  fused = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0)
+  ref = model.ModelConfig(layers=LAYERS, fusion=fusion_mode, init_scale=1.0,
+                          fused_logits=False)  # fmt: skip
+  f, r, params, state = _compare_training_paths(ep, fused, ref, ("loss",))
   a, b = (
       fns["predict"](params, state, ep["query"], clip_params=bb.params)
       for fns in (f, r)
   )
   np.testing.assert_allclose(a.maps, b.maps, atol=1e-5)
   np.testing.assert_allclose(a.image_score, b.image_score, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_map_size", [0, 16])
+def test_fused_map_loss_matches_reference_path(ep, loss_map_size):
+  # The training loss and its gradients with the map losses computed with
+  # their gradient in one pass (losses.upsampled_map_losses) against
+  # upsample-then-map_losses, at image size and at a smaller loss size.
+  cfgs = [
+      model.ModelConfig(layers=LAYERS, init_scale=1.0, fused_map_loss=mode,
+                        loss_map_size=loss_map_size)  # fmt: skip
+      for mode in ("on", "off")
+  ]
+  _compare_training_paths(ep, *cfgs, ("loss", "focal", "dice"))
+
+
+@pytest.mark.parametrize(
+    "mode,map_loss,elements,backend,want",
+    [
+        ("auto", "per_layer", 1 << 20, "cpu", True),
+        ("auto", "per_layer", (1 << 20) - 1, "cpu", False),
+        ("auto", "per_layer", 1 << 24, "gpu", False),
+        ("on", "per_layer", 1, "gpu", True),
+        ("off", "per_layer", 1 << 24, "cpu", False),
+        ("on", "combined", 1 << 24, "cpu", False),  # per-layer losses only
+    ],
+)
+def test_fused_map_loss_rule(monkeypatch, mode, map_loss, elements, backend,
+                             want):  # fmt: skip
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  cfg = model.ModelConfig(layers=LAYERS, fused_map_loss=mode,
+                          map_loss=map_loss)  # fmt: skip
+  assert model._use_fused_map_loss(cfg, elements) is want
+  with pytest.raises(ValueError, match="fused_map_loss"):
+    model.ModelConfig(layers=LAYERS, fused_map_loss="yes")

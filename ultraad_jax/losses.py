@@ -16,6 +16,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ultraad_jax import chunking
+from ultraad_jax import maps
+
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
   """Mean of `values` [B] with weights [B]; 0 when the weights sum to 0.
@@ -227,6 +230,121 @@ def map_losses(
                      focal_weights.astype(logits.dtype),
                      dice_weights.astype(logits.dtype), float(gamma),
                      float(smooth))  # fmt: skip
+
+
+# Elements of the largest intermediate (the full-resolution maps of all
+# layers and samples) `upsampled_map_losses` lets one pass hold when it is
+# vmapped over episodes: 4 ViT-B/16 episodes (4 layers, 12 samples, 224^2).
+# On the 2-core development machine, 64 such episodes took 1.7 s for the map
+# losses' value and gradient 4 at a time against 3.0 s all at once
+# (docs/PERFORMANCE.md, round 4); 2 and 8 at a time were slower than 4.
+MAP_LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _upsampled_reference(grid_logits, targets, focal_weights, dice_weights,
+                         gamma, smooth):  # fmt: skip
+  upsampled = maps.upsample(grid_logits, targets.shape[-1])
+  return jax.vmap(
+      lambda z: _map_losses(z, targets, focal_weights, dice_weights, gamma,
+                            smooth)  # fmt: skip
+  )(upsampled)
+
+
+def _value_and_partials(grid_logits, targets, focal_weights, dice_weights,
+                        gamma, smooth):  # fmt: skip
+  """Per-layer (focal, dice) and their gradients w.r.t. the grid logits."""
+
+  def losses_of(g):
+    return _upsampled_reference(g, targets, focal_weights, dice_weights,
+                                gamma, smooth)  # fmt: skip
+
+  (focal, dice), vjp = jax.vjp(losses_of, grid_logits)
+  # Layer l's losses depend on layer l's logits only, so a cotangent of ones
+  # over the layers gives every layer's partial derivatives in one pass.
+  ones, zeros = jnp.ones_like(focal), jnp.zeros_like(focal)
+  (d_focal,) = vjp((ones, zeros))
+  (d_dice,) = vjp((zeros, ones))
+  return focal, dice, d_focal, d_dice
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _upsampled_map_losses(grid_logits, targets, focal_weights, dice_weights,
+                          gamma, smooth, chunk_elements):  # fmt: skip
+  del chunk_elements  # Used by the forward rule only.
+  return _upsampled_reference(grid_logits, targets, focal_weights,
+                              dice_weights, gamma, smooth)  # fmt: skip
+
+
+def _upsampled_map_losses_fwd(grid_logits, targets, focal_weights,
+                              dice_weights, gamma, smooth,
+                              chunk_elements):  # fmt: skip
+  num_layers, batch = grid_logits.shape[:2]
+  item_elements = num_layers * batch * targets.shape[-2] * targets.shape[-1]
+  fn = chunking.chunked_vmap(
+      lambda g, y, fw, dw: _value_and_partials(g, y, fw, dw, gamma, smooth),
+      item_elements,
+      chunk_elements,
+  )
+  focal, dice, d_focal, d_dice = fn(grid_logits, targets, focal_weights,
+                                    dice_weights)  # fmt: skip
+  return (focal, dice), (d_focal, d_dice)
+
+
+def _upsampled_map_losses_bwd(gamma, smooth, chunk_elements, res,
+                              cotangents):  # fmt: skip
+  del gamma, smooth, chunk_elements
+  d_focal, d_dice = res
+  ct_focal, ct_dice = cotangents
+  d_grid = (ct_focal[:, None, None] * d_focal
+            + ct_dice[:, None, None] * d_dice)  # fmt: skip
+  return d_grid, None, None, None
+
+
+_upsampled_map_losses.defvjp(_upsampled_map_losses_fwd,
+                             _upsampled_map_losses_bwd)  # fmt: skip
+
+
+def upsampled_map_losses(
+    grid_logits: jax.Array,
+    targets: jax.Array,
+    *,
+    gamma: float = 2.0,
+    focal_weights: jax.Array,
+    dice_weights: jax.Array,
+    smooth: float = 1.0,
+    chunk_elements: int = MAP_LOSS_CHUNK_ELEMENTS,
+) -> tuple[jax.Array, jax.Array]:
+  """`map_losses` of each layer's logits, bilinearly upsampled to the masks.
+
+  The value is that of `maps.upsample` followed by `map_losses` on each
+  layer. The gradient is computed with the value, in the forward pass, at
+  once for the focal and the dice term of every layer: the full-resolution
+  maps then exist only inside that pass and are never kept for the backward
+  pass (which only scales the saved grid-sized partials by the cotangents).
+  Vmapped over episodes, the pass runs a few episodes at a time
+  (`chunking.chunked_vmap`), so that its maps stay in cache on CPU.
+
+  The forward pass always pays for the gradient: use this for training
+  losses, and `map_losses` where only the value is needed.
+
+  Args:
+    grid_logits: [L, B, N] patch-grid logits (N = g * g, row-major).
+    targets: [B, H, W] targets in [0, 1] (no gradient); H = W.
+    gamma: focal exponent (static).
+    focal_weights: [B] sample weights of the focal term (no gradient).
+    dice_weights: [B] sample weights of the dice term (no gradient).
+    smooth: dice smoothing (static).
+    chunk_elements: elements of the full-resolution maps one pass may hold
+      when vmapped (static).
+
+  Returns:
+    (focal [L], dice [L]).
+  """
+  dtype = grid_logits.dtype
+  return _upsampled_map_losses(grid_logits, targets.astype(dtype),
+                               focal_weights.astype(dtype),
+                               dice_weights.astype(dtype), float(gamma),
+                               float(smooth), int(chunk_elements))  # fmt: skip
 
 
 def bce_with_logits_elementwise(

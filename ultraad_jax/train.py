@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from ultraad_jax import checkpoint as ckpt_lib
+from ultraad_jax import chunking
 from ultraad_jax import clip
 from ultraad_jax import data as data_lib
 from ultraad_jax import descriptions
@@ -358,7 +359,10 @@ def episode_chunk(setting, num_episodes, episode_axis, elements, backend):
 
 
 def map_episodes(fn, args, chunk):
-  """`jax.vmap(fn)(*args)`, computed `chunk` episodes at a time.
+  """`jax.vmap(fn)(*args)` over episodes, `chunk` at a time.
+
+  `chunking.map_in_chunks`: with the chunk a multiple of the mesh's episode
+  axis (`episode_chunk` makes it one), no episode moves between devices.
 
   Args:
     fn: the function of one episode.
@@ -369,20 +373,7 @@ def map_episodes(fn, args, chunk):
   Returns:
     What `jax.vmap(fn)(*args)` returns.
   """
-  num = jax.tree.leaves(args)[0].shape[0]
-  if chunk <= 0 or chunk >= num:
-    return jax.vmap(fn)(*args)
-  if num % chunk:
-    raise ValueError(f"chunk {chunk} does not divide {num} episodes.")
-  loops = num // chunk
-  # Episode a * loops + b runs in iteration b. The chunk axis keeps the
-  # episode axis's block sharding (chunk is a multiple of the mesh's episode
-  # axis), so every device works on its own episodes in every iteration and
-  # nothing crosses devices.
-  split = lambda x: jnp.swapaxes(x.reshape((chunk, loops) + x.shape[1:]), 0, 1)
-  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((num,) + x.shape[2:])
-  out = jax.lax.map(lambda a: jax.vmap(fn)(*a), jax.tree.map(split, args))
-  return jax.tree.map(merge, out)
+  return chunking.map_in_chunks(fn, args, chunk)
 
 
 def gather_support(cache_arrays, ep):
