@@ -99,11 +99,11 @@ MIB = 2.0**20
 # Settings of each mode; every entry can be overridden on the command line.
 MODES = {
     "quick": dict(
-        backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=5,
-        warmup=2, bf16=True, default_flags=True, sweep_episodes=(1, 8, 64),
-        sweep_steps=20, sweep_model="tiny", sweep_shots=4, sweep_pool=64,
+        backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=3,
+        warmup=1, bf16=True, default_flags=True, sweep_episodes=(1, 8, 64),
+        sweep_steps=10, sweep_model="tiny", sweep_shots=4, sweep_pool=64,
         torch_max_episodes=64, metrics_maps=200, metrics_size=224,
-        metrics_repeats=2, peak=True,
+        metrics_repeats=1, peak=True,
     ),
     "full": dict(
         backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=10,
@@ -2065,8 +2065,14 @@ def main(argv=None):
   elif peak:
     results["peak"] = peak
 
+  # Wall seconds of each section (the quick mode must fit 5 minutes).
+  section_s = results["section_s"] = {
+      "setup_and_peak": time.time() - t_start
+  }
+
   # ---- Backbone ------------------------------------------------------------
   if "backbone" in args.sections:
+    t_section = time.time()
     per_model = {}
     for i, name in enumerate(args.backbone_models):
       print(f"backbone {name}...", flush=True)
@@ -2098,9 +2104,12 @@ def main(argv=None):
             child["jax_ms_per_image"] / primary["jax_ms_per_image"]
         )
     results["backbone"] = backbone
+    section_s["backbone"] = time.time() - t_section
+    print(f"  ({section_s['backbone']:.0f} s)", flush=True)
 
   # ---- Sweep ---------------------------------------------------------------
   if "sweep" in args.sections:
+    t_section = time.time()
     print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
     results["sweep"] = bench_sweep(
         model_name=args.sweep_model,
@@ -2116,6 +2125,8 @@ def main(argv=None):
         torch_threads=args.peer_threads,
         with_torch=args.torch,
     )
+    section_s["sweep"] = time.time() - t_section
+    print(f"  ({section_s['sweep']:.0f} s)", flush=True)
 
   # ---- Metrics -------------------------------------------------------------
   if "metrics" in args.sections:
@@ -2123,8 +2134,11 @@ def main(argv=None):
         f"metrics: {args.metrics_maps} maps of {args.metrics_size}^2...",
         flush=True,
     )
+    t_section = time.time()
     results["metrics"] = bench_metrics(args.metrics_maps, args.metrics_size,
                                        args.metrics_repeats)  # fmt: skip
+    section_s["metrics"] = time.time() - t_section
+    print(f"  ({section_s['metrics']:.0f} s)", flush=True)
 
   results["targets"] = check_targets(results)
   results["machine"]["load_average_end"] = list(os.getloadavg())
