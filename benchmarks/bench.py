@@ -2066,9 +2066,7 @@ def main(argv=None):
     results["peak"] = peak
 
   # Wall seconds of each section (the quick mode must fit 5 minutes).
-  section_s = results["section_s"] = {
-      "setup_and_peak": time.time() - t_start
-  }
+  section_s = results["section_s"] = {"setup_and_peak": time.time() - t_start}
 
   # ---- Backbone ------------------------------------------------------------
   if "backbone" in args.sections:
