@@ -5,6 +5,7 @@ any function, for the real train step, and on a mesh without moving
 episodes between devices.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from ultraad_jax import clip
+from ultraad_jax import losses
 from ultraad_jax import model
 from ultraad_jax import train
 
@@ -149,7 +151,12 @@ def test_chunked_train_step_equals_the_vmapped_one(step_inputs):
                  step_inputs["args"][0])  # fmt: skip
 
 
-def test_chunked_step_on_a_mesh_keeps_episodes_on_their_devices(step_inputs):
+def _on_two_devices(step_inputs):
+  """The step's inputs with episodes split over a 2-device mesh.
+
+  Returns:
+    (the arguments, out_shardings for the step).
+  """
   if len(jax.devices()) < 2:
     pytest.skip("needs 2 devices (the root conftest forces 8 CPU devices)")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("episode",))
@@ -169,15 +176,41 @@ def test_chunked_step_on_a_mesh_keeps_episodes_on_their_devices(step_inputs):
       jax.device_put(clip_params, replicated),
       key,
   )
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  # 2 episodes at once: one on each device per loop iteration.
-  step = _step(step_inputs, 2, out_shardings=(state_shardings, by_episode))
-  hlo = step.lower(*args).compile().as_text()
+  return args, (jax.tree.map(lambda x: x.sharding, state), by_episode)
+
+
+def _assert_local_loop(hlo):
+  """A compiled step with a loop over chunks and no cross-device traffic."""
   assert "while" in hlo  # the chunked form, not a plain vmap
   for collective in ("all-gather", "all-to-all", "collective-permute",
                      "all-reduce"):  # fmt: skip
     assert collective not in hlo, collective
+
+
+def test_chunked_step_on_a_mesh_keeps_episodes_on_their_devices(step_inputs):
+  args, out_shardings = _on_two_devices(step_inputs)
+  # 2 episodes at once: one on each device per loop iteration.
+  step = _step(step_inputs, 2, out_shardings=out_shardings)
+  _assert_local_loop(step.lower(*args).compile().as_text())
   got = step(*args)
   assert got[0]["params"]["fusion"]["wq"].sharding.spec == P("episode")
   _assert_same(got, _step(step_inputs, 0)(*step_inputs["args"]),
+               step_inputs["args"][0])  # fmt: skip
+
+
+def test_fused_map_losses_on_a_mesh_keep_episodes_on_their_devices(
+    step_inputs, monkeypatch
+):
+  # The fused map losses chunk the episode axis by themselves
+  # (chunking.chunked_vmap): 2 of the 4 episodes per iteration here, and
+  # still one on each device, so nothing crosses devices.
+  bb = step_inputs["bb"]
+  per_episode = 4 * 6 * bb.image_size**2  # layers x support x H x W
+  monkeypatch.setattr(losses, "MAP_LOSS_CHUNK_ELEMENTS", 2 * per_episode)
+  fused = dict(step_inputs, cfg=dataclasses.replace(
+      step_inputs["cfg"], fused_map_loss="on"))  # fmt: skip
+  args, out_shardings = _on_two_devices(step_inputs)
+  step = _step(fused, 0, out_shardings=out_shardings)
+  _assert_local_loop(step.lower(*args).compile().as_text())
+  _assert_same(step(*args), _step(step_inputs, 0)(*step_inputs["args"]),
                step_inputs["args"][0])  # fmt: skip

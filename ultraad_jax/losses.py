@@ -312,7 +312,7 @@ def upsampled_map_losses(
     focal_weights: jax.Array,
     dice_weights: jax.Array,
     smooth: float = 1.0,
-    chunk_elements: int = MAP_LOSS_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`map_losses` of each layer's logits, bilinearly upsampled to the masks.
 
@@ -335,12 +335,14 @@ def upsampled_map_losses(
     dice_weights: [B] sample weights of the dice term (no gradient).
     smooth: dice smoothing (static).
     chunk_elements: elements of the full-resolution maps one pass may hold
-      when vmapped (static).
+      when vmapped (static; default MAP_LOSS_CHUNK_ELEMENTS).
 
   Returns:
     (focal [L], dice [L]).
   """
   dtype = grid_logits.dtype
+  if chunk_elements is None:
+    chunk_elements = MAP_LOSS_CHUNK_ELEMENTS
   return _upsampled_map_losses(grid_logits, targets.astype(dtype),
                                focal_weights.astype(dtype),
                                dice_weights.astype(dtype), float(gamma),
