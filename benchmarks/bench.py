@@ -40,6 +40,7 @@ f32 time with XLA's default flags is measured in a child process.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -1744,6 +1745,15 @@ def check_targets(results):
   return rows  # fmt: skip
 
 
+@contextlib.contextmanager
+def _timed_section(section_s, name):
+  """Records the wall seconds of the `with` body as section_s[name]."""
+  start = time.time()
+  yield
+  section_s[name] = time.time() - start
+  print(f"  ({section_s[name]:.0f} s)", flush=True)
+
+
 def _csv(kind):
   def parse(text):
     return tuple(kind(x) for x in text.split(",") if x.strip())
@@ -2070,61 +2080,59 @@ def main(argv=None):
 
   # ---- Backbone ------------------------------------------------------------
   if "backbone" in args.sections:
-    t_section = time.time()
-    per_model = {}
-    for i, name in enumerate(args.backbone_models):
-      print(f"backbone {name}...", flush=True)
-      per_model[name] = bench_backbone(
-          name, batch=args.backbone_batch if i == 0 else max(
-              args.backbone_batch, 32),
-          repeats=args.repeats, warmup=args.warmup,
-          # bf16 at the first (full-size) model only in quick mode: each
-          # bf16 path costs another PyTorch compilation.
-          bf16=args.bf16 and (i == 0 or args.mode != "quick"),
-          with_torch=args.torch, torch_device=torch_device,
-          torch_compile=args.torch_compile,
-          peak_gflops=peak.get("peak_gflops"))  # fmt: skip
-    primary = per_model[args.backbone_models[0]]
-    backbone = dict(primary)
-    for name in args.backbone_models[1:]:
-      backbone[name] = per_model[name]
-    if args.default_flags and on_cpu:
-      print("backbone with XLA's default flags (child)...", flush=True)
-      child = run_child(
-          "backbone_jax",
-          ["--backbone_models", args.backbone_models[0], "--backbone_batch",
-           str(args.backbone_batch), "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup)], "default")  # fmt: skip
-      keep = ("jax_ms_per_image", "timings", "xla_flags", "error")
-      backbone["default_xla_flags"] = {k: child[k] for k in keep if k in child}
-      if "jax_ms_per_image" in child:
-        backbone["project_flags_speedup"] = (
-            child["jax_ms_per_image"] / primary["jax_ms_per_image"]
-        )
-    results["backbone"] = backbone
-    section_s["backbone"] = time.time() - t_section
-    print(f"  ({section_s['backbone']:.0f} s)", flush=True)
+    with _timed_section(section_s, "backbone"):
+      per_model = {}
+      for i, name in enumerate(args.backbone_models):
+        print(f"backbone {name}...", flush=True)
+        per_model[name] = bench_backbone(
+            name, batch=args.backbone_batch if i == 0 else max(
+                args.backbone_batch, 32),
+            repeats=args.repeats, warmup=args.warmup,
+            # bf16 at the first (full-size) model only in quick mode: each
+            # bf16 path costs another PyTorch compilation.
+            bf16=args.bf16 and (i == 0 or args.mode != "quick"),
+            with_torch=args.torch, torch_device=torch_device,
+            torch_compile=args.torch_compile,
+            peak_gflops=peak.get("peak_gflops"))  # fmt: skip
+      primary = per_model[args.backbone_models[0]]
+      backbone = dict(primary)
+      for name in args.backbone_models[1:]:
+        backbone[name] = per_model[name]
+      if args.default_flags and on_cpu:
+        print("backbone with XLA's default flags (child)...", flush=True)
+        child = run_child(
+            "backbone_jax",
+            ["--backbone_models", args.backbone_models[0], "--backbone_batch",
+             str(args.backbone_batch), "--repeats", str(args.repeats),
+             "--warmup", str(args.warmup)], "default")  # fmt: skip
+        keep = ("jax_ms_per_image", "timings", "xla_flags", "error")
+        backbone["default_xla_flags"] = {
+            k: child[k] for k in keep if k in child
+        }
+        if "jax_ms_per_image" in child:
+          backbone["project_flags_speedup"] = (
+              child["jax_ms_per_image"] / primary["jax_ms_per_image"]
+          )
+      results["backbone"] = backbone
 
   # ---- Sweep ---------------------------------------------------------------
   if "sweep" in args.sections:
-    t_section = time.time()
-    print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
-    results["sweep"] = bench_sweep(
-        model_name=args.sweep_model,
-        episodes=args.sweep_episodes,
-        steps=args.sweep_steps,
-        shots=args.sweep_shots,
-        pool=args.sweep_pool,
-        torch_max_episodes=args.torch_max_episodes,
-        torch_device=torch_device,
-        torch_compile=args.torch_compile,
-        compile_head=args.torch_head_compile,
-        peer_head=args.peer_head,
-        torch_threads=args.peer_threads,
-        with_torch=args.torch,
-    )
-    section_s["sweep"] = time.time() - t_section
-    print(f"  ({section_s['sweep']:.0f} s)", flush=True)
+    with _timed_section(section_s, "sweep"):
+      print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
+      results["sweep"] = bench_sweep(
+          model_name=args.sweep_model,
+          episodes=args.sweep_episodes,
+          steps=args.sweep_steps,
+          shots=args.sweep_shots,
+          pool=args.sweep_pool,
+          torch_max_episodes=args.torch_max_episodes,
+          torch_device=torch_device,
+          torch_compile=args.torch_compile,
+          compile_head=args.torch_head_compile,
+          peer_head=args.peer_head,
+          torch_threads=args.peer_threads,
+          with_torch=args.torch,
+      )
 
   # ---- Metrics -------------------------------------------------------------
   if "metrics" in args.sections:
@@ -2132,11 +2140,10 @@ def main(argv=None):
         f"metrics: {args.metrics_maps} maps of {args.metrics_size}^2...",
         flush=True,
     )
-    t_section = time.time()
-    results["metrics"] = bench_metrics(args.metrics_maps, args.metrics_size,
-                                       args.metrics_repeats)  # fmt: skip
-    section_s["metrics"] = time.time() - t_section
-    print(f"  ({section_s['metrics']:.0f} s)", flush=True)
+    with _timed_section(section_s, "metrics"):
+      results["metrics"] = bench_metrics(
+          args.metrics_maps, args.metrics_size, args.metrics_repeats
+      )
 
   results["targets"] = check_targets(results)
   results["machine"]["load_average_end"] = list(os.getloadavg())

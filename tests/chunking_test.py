@@ -1,5 +1,7 @@
 """Tests of chunking.py: a vmapped function computed a few items at a time."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +52,24 @@ def test_chunked_vmap_equals_vmap_and_loops_only_when_needed():
   np.testing.assert_allclose(one["y"], _fn(w[2], x, 3.0)["y"], rtol=1e-6)
 
 
-def test_map_in_chunks_rejects_a_non_divisor():
-  args = (jnp.zeros((6, 2)),)
+def test_map_in_chunks_equals_vmap_on_a_pytree():
+  rng = np.random.default_rng(0)
+  args = (
+      {"w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)},
+      jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+      jnp.arange(6),
+  )
+
+  def fn(p, x, i):
+    y = jnp.tanh(p["w"] @ x) * (i + 1)
+    return {"y": y, "norm": jnp.sum(y**2)}
+
+  want = jax.vmap(fn)(*args)
+  for chunk in (1, 2, 3, 6, 12):
+    got = jax.jit(functools.partial(chunking.map_in_chunks, fn, chunk=chunk))(
+        args
+    )
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="does not divide"):
-    chunking.map_in_chunks(jnp.sum, args, 4)
+    chunking.map_in_chunks(fn, args, 4)

@@ -1,8 +1,8 @@
-"""Tests of the chunked episode axis of the train step (train.map_episodes).
+"""Tests of the train step computed a few episodes at a time.
 
-Computing a few episodes at a time must give what the plain vmap gives, for
-any function, for the real train step, and on a mesh without moving
-episodes between devices.
+The chunked step (train.episode_chunk, chunking.map_in_chunks) must give
+what the plain vmap gives, and on a mesh it must not move episodes between
+devices.
 """
 
 import dataclasses
@@ -19,27 +19,6 @@ from ultraad_jax import model
 from ultraad_jax import train
 
 P = jax.sharding.PartitionSpec
-
-
-def test_map_episodes_equals_vmap_on_a_pytree():
-  rng = np.random.default_rng(0)
-  args = (
-      {"w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)},
-      jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
-      jnp.arange(6),
-  )
-
-  def fn(p, x, i):
-    y = jnp.tanh(p["w"] @ x) * (i + 1)
-    return {"y": y, "norm": jnp.sum(y**2)}
-
-  want = jax.vmap(fn)(*args)
-  for chunk in (1, 2, 3, 6, 12):
-    got = jax.jit(functools.partial(train.map_episodes, fn, chunk=chunk))(args)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match="does not divide"):
-    train.map_episodes(fn, args, 4)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def map_in_chunks(fn, args, chunk):
   if chunk <= 0 or chunk >= num:
     return jax.vmap(fn)(*args)
   if num % chunk:
-    raise ValueError(f"chunk {chunk} does not divide {num} episodes.")
+    raise ValueError(f"chunk {chunk} does not divide the batch of {num}.")
   loops = num // chunk
   # Item a * loops + b runs in iteration b. The chunk axis keeps the batch
   # axis's block sharding when the chunk is a multiple of the devices along
@@ -93,12 +93,14 @@ def chunked_vmap(fn, item_elements, target):
 
   @wrapped.def_vmap
   def _rule(axis_size, in_batched, *args):
-    args = tuple(
-        a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-        for a, batched in zip(args, in_batched)
-    )
+    # Unbatched arguments are closed over rather than broadcast (no copies).
+    def one(*items):
+      items = iter(items)
+      return fn(*(next(items) if b else a for a, b in zip(args, in_batched)))
+
+    batched = tuple(a for a, b in zip(args, in_batched) if b)
     chunk = chunk_size(axis_size, item_elements, target, jax.device_count())
-    out = map_in_chunks(fn, args, chunk)
+    out = map_in_chunks(one, batched, chunk)
     return out, jax.tree.map(lambda _: True, out)
 
   return wrapped

@@ -358,24 +358,6 @@ def episode_chunk(setting, num_episodes, episode_axis, elements, backend):
   return max(fitting) * episode_axis if fitting else num_episodes
 
 
-def map_episodes(fn, args, chunk):
-  """`jax.vmap(fn)(*args)` over episodes, `chunk` at a time.
-
-  `chunking.map_in_chunks`: with the chunk a multiple of the mesh's episode
-  axis (`episode_chunk` makes it one), no episode moves between devices.
-
-  Args:
-    fn: the function of one episode.
-    args: a tuple of pytrees, each with the episode axis leading.
-    chunk: episodes at once (a divisor of E); 0, or E or more, is a plain
-      vmap.
-
-  Returns:
-    What `jax.vmap(fn)(*args)` returns.
-  """
-  return chunking.map_in_chunks(fn, args, chunk)
-
-
 def gather_support(cache_arrays, ep):
   """Builds one episode's model.Support from cache rows (inside jit)."""
   g, p, m = cache_arrays
@@ -481,7 +463,7 @@ def train_step(
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return params, opt, metrics
 
-  params, opt, metrics = map_episodes(
+  params, opt, metrics = chunking.map_in_chunks(
       one,
       (state["params"], state["opt"], ep_data, frozen,
        jnp.arange(num_episodes)),
@@ -535,7 +517,7 @@ def val_step(
     )
     return loss
 
-  loss = map_episodes(one, (state["params"], frozen, ep_val), chunk)
+  loss = chunking.map_in_chunks(one, (state["params"], frozen, ep_val), chunk)
   better = loss < state["best_val"]
 
   def pick(best, new):
@@ -1149,7 +1131,7 @@ def _log_cost(name, compiled, loops=1):
   """Logs XLA's FLOP and byte counts of a compiled step.
 
   XLA's cost analysis counts a while loop's body once, so a step that runs
-  its episodes in `loops` chunks (`map_episodes`) is scaled by that count.
+  its episodes in `loops` chunks (`chunking.map_in_chunks`) is scaled by that count.
   """
   try:
     cost = compiled.cost_analysis()
