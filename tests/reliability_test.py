@@ -348,6 +348,54 @@ def test_interruptions_resume_to_identical_results(data_dir, tmp_path):
   assert engine_helpers.results_text(workdir) == reference
 
 
+def test_signal_at_any_point_of_a_step_saves_the_step_it_stops_at(tmp_path):
+  # The signal lands after the step's "is this the last step?" decision (in
+  # the validation call), where a second read of the flag would end the loop
+  # on an unsaved step. The loop must run one more step and save that one.
+  os_kill_at = 3
+
+  def step_fn(state, *args):
+    del args
+    step = state["step"] + 1
+    return {**state, "step": step}, {
+        "loss": jnp.ones(2),
+        "grad_norm": jnp.ones(2),
+    }
+
+  def val_fn(state, *args):
+    del args
+    if int(state["step"]) == os_kill_at:
+      signal.raise_signal(signal.SIGTERM)
+    return state, jnp.zeros(2)
+
+  config = ml_collections.ConfigDict(
+      {
+          "profile_steps": 0,
+          "train": {"val_every": 1, "log_every": 100},
+          "checkpoint": {"every_steps": 100},
+      }
+  )
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
+  state = {"w": jnp.zeros(3), "step": jnp.int32(0)}
+  state, stopped_early = train._train_loop(  # pylint: disable=protected-access
+      state,
+      step_fn,
+      val_fn,
+      (None,) * 5,
+      None,
+      checkpointer=checkpointer,
+      config=config,
+      workdir=str(tmp_path),
+      fingerprint="f",
+      start_step=0,
+      total=10,
+  )
+  checkpointer.close()
+  assert stopped_early
+  assert int(state["step"]) == os_kill_at + 1
+  assert engine_helpers.complete_steps(tmp_path) == [os_kill_at + 1]
+
+
 def test_half_written_checkpoints_are_never_loaded(tmp_path):
   folder = tmp_path / "checkpoints"
   state = {"w": jnp.arange(4.0), "step": jnp.int32(0)}

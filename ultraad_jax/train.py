@@ -1070,7 +1070,10 @@ def _train_loop(
           _check_finite(to_host(pending[1]), pending[0], checkpointer)
           pending = None
         done = step + 1
-        last = done == total or stop.signum is not None
+        # Read the flag once: a signal landing between two reads would end
+        # the loop on a step that was never saved.
+        stopping = stop.signum is not None
+        last = done == total or stopping
         if val_fn is not None and (last or done % config.train.val_every == 0):
           state, val_loss = val_fn(
               state, ep_val, frozen, cache_arrays, clip_params, rng
@@ -1104,7 +1107,7 @@ def _train_loop(
             )
         else:
           pending = (done, metrics)
-        if stop.signum is not None:
+        if stopping:
           stopped_early = done < total
           break
   finally:
