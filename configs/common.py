@@ -187,6 +187,21 @@ def get_base_config():
   c.train.val_fraction = 0.0
   c.train.val_every = 10
 
+  # ---- Precision of matrix products ---------------------------------------------
+  # jax.default_matmul_precision of each part of the run: "float32" (true f32
+  # products), "tensorfloat32" (TF32 tensor cores, NVIDIA Ampere and later),
+  # "bfloat16" (one bf16 pass), or "default" (the platform's choice: TF32 on
+  # recent NVIDIA GPUs, one bf16 pass on TPU, f32 on CPU). CPUs compute f32
+  # products in f32 whatever the setting. See docs/METHOD.md.
+  c.precision = ml_collections.ConfigDict()
+  # The frozen CLIP's one-off passes (the feature cache, the descriptions'
+  # embeddings): f32, so that the features match PyTorch's CLIPModel on every
+  # platform; they run once, so the cost is small.
+  c.precision.frozen = "float32"
+  # The head's compiled programs (training, validation, evaluation, the
+  # baselines), which run every step: the platform's fast default.
+  c.precision.head = "default"
+
   # ---- Feature cache ----------------------------------------------------------
   c.cache = ml_collections.ConfigDict()
   c.cache.dtype = "float32"  # float32 | bfloat16

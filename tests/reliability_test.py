@@ -120,6 +120,10 @@ BAD_CONFIGS = {
         "config.backbone.image_size=36",
     ),
     "too_many_devices": ({"mesh.num_devices": 16}, "config.mesh.num_devices"),
+    "unknown_precision": (
+        {"precision.frozen": "fp32"},
+        "config.precision.frozen='fp32'",
+    ),
     "episodes_not_divisible": (
         {"mesh.num_devices": 2, "episodes.num_episodes": 3},
         "config.episodes.num_episodes=3",

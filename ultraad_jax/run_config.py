@@ -20,6 +20,8 @@ from ultraad_jax import episodes
 # The single sources of truth for the allowed values.
 SETTINGS = tuple(episodes.SETTINGS)
 BASELINES = baselines.NAMES
+# Values of precision.frozen / precision.head (jax.default_matmul_precision).
+MATMUL_PRECISIONS = ("default", "float32", "tensorfloat32", "bfloat16")
 # Keys that do not change what is trained; a resumed run may differ in them.
 _NON_TRAINING_KEYS = (
     "mode",
@@ -156,6 +158,13 @@ def validate(config):
     )
   if config.backbone.image_size < 0:
     _fail("backbone.image_size", config.backbone.image_size, ">= 0")
+  for part in ("frozen", "head"):
+    if config.precision[part] not in MATMUL_PRECISIONS:
+      _fail(
+          f"precision.{part}",
+          config.precision[part],
+          f"expected one of {MATMUL_PRECISIONS}",
+      )
   # Devices and the episode axis of the mesh.
   available = len(jax.devices())
   n = config.mesh.num_devices or available

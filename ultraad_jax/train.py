@@ -694,7 +694,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         "none. Train first (mode=train) with this --workdir."
     )
   try:
-    return _run(config, workdir, checkpointer, latest, fingerprint, t_start)
+    # Every program traced inside takes its matrix-product precision from
+    # here, except the frozen passes, which set their own (in _run).
+    with jax.default_matmul_precision(config.precision.head):
+      return _run(config, workdir, checkpointer, latest, fingerprint, t_start)
   finally:
     checkpointer.close()
 
@@ -745,71 +748,9 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
 
   # ---- Feature cache ------------------------------------------------------
   t0 = time.time()
-  num_views = config.data.num_views
-  used = np.zeros(len(split.labels), bool)
-  for ep in episodes:
-    used[ep.support] = True
-  view_seed = config.episodes.seed
-
-  def view_fn(imgs, msks, v):
-    return pipeline.augment(imgs, msks, v, seed=view_seed)
-
-  cache = features.build(
-      backbone,
-      clip_params,
-      split.images,
-      split.masks,
-      view_fn,
-      used,
-      layers=cfg.layers,
-      num_views=num_views,
-      batch_size=config.cache.batch_size,
-      dtype=config.cache.dtype,
-      memory_budget_gb=config.cache.memory_budget_gb,
-      sharding=replicated,
+  test_cache, cache_arrays, ep_data, ep_val = _frozen_passes(
+      config, backbone, clip_params, cfg, split, test, episodes, mesh
   )
-  test_cache = cache
-  if cross:
-    test_cache = features.build(
-        backbone,
-        clip_params,
-        test.images,
-        test.masks,
-        None,
-        np.zeros(len(test.labels), bool),
-        layers=cfg.layers,
-        num_views=1,
-        batch_size=config.cache.batch_size,
-        dtype=config.cache.dtype,
-        memory_budget_gb=config.cache.memory_budget_gb,
-        sharding=replicated,
-    )
-  cache_arrays = (
-      cache.global_embed,
-      cache.patch_tokens,
-      jax.device_put(cache.masks, replicated),
-  )
-  train_support, val_support = split_support(config, split, episodes)
-  ep_data = jax.device_put(
-      episode_arrays(
-          config, split, train_support, cache, backbone, backbone.params
-      ),
-      by_episode,
-  )
-  ep_val = None
-  if val_support is not None:
-    ep_val = jax.device_put(
-        episode_arrays(
-            config,
-            split,
-            val_support,
-            cache,
-            backbone,
-            backbone.params,
-            group_offset=1 << 20,
-        ),
-        by_episode,
-    )
   timing["features_s"] = time.time() - t0
 
   # ---- Model, frozen state and optimizer ----------------------------------
@@ -1005,6 +946,103 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
     )
   logging.info("Wrote results to %s.", os.path.join(workdir, "results.md"))
   return results
+
+
+def _frozen_passes(
+    config, backbone, clip_params, cfg, split, test, episodes, mesh
+):
+  """The frozen CLIP's one-off passes, at `config.precision.frozen`.
+
+  The feature caches of the support and query images, and the embeddings of
+  the episodes' descriptions.
+
+  Args:
+    config: the run config.
+    backbone: the clip.Backbone.
+    clip_params: its parameters, replicated over the mesh.
+    cfg: the model.ModelConfig (tapped layers).
+    split: the split the episodes draw from.
+    test: the query split (`split` itself unless cross-dataset).
+    episodes: the episodes (their support images get every view).
+    mesh: the run's mesh.
+
+  Returns:
+    (test_cache, cache_arrays, ep_data, ep_val): the FeatureCache of the
+    queries, the support cache's (global, patch tokens, masks) arrays, and
+    the episodes' training (and validation, or None) support arrays.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
+  cross = bool(config.data.test_name)
+  # A context, not an argument: it reaches every product the transformers
+  # CLIP modules trace, and jit keys its cache on it.
+  with jax.default_matmul_precision(config.precision.frozen):
+    num_views = config.data.num_views
+    used = np.zeros(len(split.labels), bool)
+    for ep in episodes:
+      used[ep.support] = True
+    view_seed = config.episodes.seed
+
+    def view_fn(imgs, msks, v):
+      return pipeline.augment(imgs, msks, v, seed=view_seed)
+
+    cache = features.build(
+        backbone,
+        clip_params,
+        split.images,
+        split.masks,
+        view_fn,
+        used,
+        layers=cfg.layers,
+        num_views=num_views,
+        batch_size=config.cache.batch_size,
+        dtype=config.cache.dtype,
+        memory_budget_gb=config.cache.memory_budget_gb,
+        sharding=replicated,
+    )
+    test_cache = cache
+    if cross:
+      test_cache = features.build(
+          backbone,
+          clip_params,
+          test.images,
+          test.masks,
+          None,
+          np.zeros(len(test.labels), bool),
+          layers=cfg.layers,
+          num_views=1,
+          batch_size=config.cache.batch_size,
+          dtype=config.cache.dtype,
+          memory_budget_gb=config.cache.memory_budget_gb,
+          sharding=replicated,
+      )
+    cache_arrays = (
+        cache.global_embed,
+        cache.patch_tokens,
+        jax.device_put(cache.masks, replicated),
+    )
+    train_support, val_support = split_support(config, split, episodes)
+    ep_data = jax.device_put(
+        episode_arrays(
+            config, split, train_support, cache, backbone, backbone.params
+        ),
+        by_episode,
+    )
+    ep_val = None
+    if val_support is not None:
+      ep_val = jax.device_put(
+          episode_arrays(
+              config,
+              split,
+              val_support,
+              cache,
+              backbone,
+              backbone.params,
+              group_offset=1 << 20,
+          ),
+          by_episode,
+      )
+  return test_cache, cache_arrays, ep_data, ep_val
 
 
 def _train_loop(
