@@ -578,6 +578,32 @@ def _torch_sync(device):
     torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def torch_matmul_precision(tf32):
+  """PyTorch's f32 products on CUDA: true f32, or TF32 tensor cores.
+
+  PyTorch's defaults differ by op: matrix products in true f32, cuDNN's
+  convolutions (CLIP's patch embedding) in TF32. Both follow `tf32` here, so
+  that each side of a comparison computes what the other does. CPUs ignore
+  both settings.
+
+  Args:
+    tf32: allow TF32 in matrix products and convolutions.
+
+  Yields:
+    None; the previous settings come back on exit.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+  torch.backends.cuda.matmul.allow_tf32 = tf32
+  torch.backends.cudnn.allow_tf32 = tf32
+  try:
+    yield
+  finally:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def bench_backbone(
     name,
     *,
@@ -589,9 +615,15 @@ def bench_backbone(
     torch_device="cpu",
     torch_compile=True,
     peak_gflops=None,
+    fast_f32=False,
     seed=0,
 ):
   """Times encode_image (JAX) against its PyTorch twin at one model size.
+
+  The f32 paths compute true f32 products on both sides, on every platform
+  (JAX's precision "float32"; PyTorch with TF32 off). With `fast_f32`, the
+  platform's fast f32 path is timed too: JAX's default precision (TF32 on
+  NVIDIA GPUs, one bf16 pass on TPU) against PyTorch with TF32 on.
 
   Args:
     name: "tiny" or an OpenAI CLIP name (random weights).
@@ -603,6 +635,8 @@ def bench_backbone(
     torch_device: "cpu" or "cuda".
     torch_compile: torch.compile the PyTorch side (off only in tests).
     peak_gflops: the f32 peak for the MFU (None: no MFU).
+    fast_f32: also time the fast f32 paths (by default on accelerators;
+      on a CPU they compute what the f32 paths do).
     seed: weights and pixels seed.
 
   Returns:
@@ -617,7 +651,9 @@ def bench_backbone(
   pixels = jax.device_put(pixels_np)
   params = jax.device_put(backbone.params)
   encode = jax.jit(backbone.encode_image, static_argnums=2)
-  compiled = encode.lower(params, pixels, layers).compile()
+  # The precision is read when the program is traced (here, by lower).
+  with jax.default_matmul_precision("float32"):
+    compiled = encode.lower(params, pixels, layers).compile()
   cost = _cost(compiled)
   flops = float(cost.get("flops", float("nan")))
 
@@ -636,6 +672,12 @@ def bench_backbone(
     return run
 
   fns = {"jax_f32": lambda: jax.block_until_ready(compiled(params, pixels))}
+  if fast_f32:
+    with jax.default_matmul_precision("default"):
+      compiled_fast = encode.lower(params, pixels, layers).compile()
+    fns["jax_fast_f32"] = lambda: jax.block_until_ready(
+        compiled_fast(params, pixels)
+    )
   if bf16:
     bb16 = dataclasses.replace(backbone, dtype=jnp.bfloat16)
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -667,7 +709,7 @@ def bench_backbone(
     encoder = torch_image_encoder(pt_model, layers)
     x = torch.from_numpy(np.ascontiguousarray(pixels_np.transpose(0, 3, 1, 2)))
     x = x.to(torch_device)
-    with torch.no_grad():
+    with torch.no_grad(), torch_matmul_precision(tf32=False):
       eager_out = [t.float().cpu().numpy() for t in encoder(x)]
     jax_out = jax.device_get(compiled(params, pixels))
     result["max_abs_diff_torch_vs_jax"] = float(max(
@@ -677,11 +719,22 @@ def bench_backbone(
     comp32 = maybe_compile(encoder)
 
     def torch_f32():
-      with torch.no_grad():
+      with torch.no_grad(), torch_matmul_precision(tf32=False):
         comp32(x)
       _torch_sync(torch_device)
 
     fns["torch_f32"] = torch_f32
+    if fast_f32:
+      # Its own compiled module: inductor reads the TF32 switch when it
+      # compiles.
+      comp_fast = maybe_compile(torch_image_encoder(pt_model, layers))
+
+      def torch_fast_f32():
+        with torch.no_grad(), torch_matmul_precision(tf32=True):
+          comp_fast(x)
+        _torch_sync(torch_device)
+
+      fns["torch_fast_f32"] = torch_fast_f32
     if bf16:
       # A second compiled module: its graph is traced under autocast.
       comp16 = maybe_compile(torch_image_encoder(pt_model, layers))
@@ -703,8 +756,10 @@ def bench_backbone(
   result["calls_per_sample"] = inner
   result["timings"] = timings
   names = {"jax_f32": "jax_ms_per_image", "jax_bf16": "jax_ms_per_image_bf16",
+           "jax_fast_f32": "jax_ms_per_image_fast_f32",
            "torch_f32": "torch_ms_per_image",
-           "torch_bf16": "torch_ms_per_image_bf16"}  # fmt: skip
+           "torch_bf16": "torch_ms_per_image_bf16",
+           "torch_fast_f32": "torch_ms_per_image_fast_f32"}  # fmt: skip
   for key, t in timings.items():
     result[names[key]] = 1e3 * t["median_s"] / batch
   result["jax_gflops"] = flops / timings["jax_f32"]["median_s"] / 1e9
@@ -719,6 +774,11 @@ def bench_backbone(
     result["speedup"] = (
         result["torch_ms_per_image"] / result["jax_ms_per_image"]
     )
+    if fast_f32:
+      result["speedup_fast_f32"] = (
+          result["torch_ms_per_image_fast_f32"]
+          / result["jax_ms_per_image_fast_f32"]
+      )
     if bf16:
       result["speedup_bf16"] = (
           result["torch_ms_per_image_bf16"] / result["jax_ms_per_image_bf16"]
@@ -1810,6 +1870,20 @@ def parse_args(argv=None):
       default=None,
       help="time JAX with XLA's default flags in a child process",
   )
+  p.add_argument(
+      "--fast_f32",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="also time the backbone's fast f32 paths: JAX's default "
+      "precision against PyTorch with TF32 on (default: on accelerators)",
+  )
+  p.add_argument(
+      "--sweep_precision",
+      choices=("float32", "tensorfloat32"),
+      default="float32",
+      help="matrix products of both sides of the sweep: true f32 (PyTorch's "
+      "default) or TF32 on both (NVIDIA GPUs; CPUs compute f32 either way)",
+  )
   p.add_argument("--backbone_models", type=_csv(str))
   p.add_argument("--backbone_batch", type=int)
   p.add_argument("--repeats", type=int)
@@ -1877,12 +1951,17 @@ def _print_summary(results):
           f"speedup x{bb['speedup']:.2f}"
       )
     print(line)
-    if "jax_ms_per_image_bf16" in bb:
-      line = f"  bf16: JAX {bb['jax_ms_per_image_bf16']:.1f} ms/image"
-      if "torch_ms_per_image_bf16" in bb:
+    for suffix, label in (
+        ("_fast_f32", "fast f32 (JAX default precision, PyTorch TF32)"),
+        ("_bf16", "bf16"),
+    ):
+      if f"jax_ms_per_image{suffix}" not in bb:
+        continue
+      line = f"  {label}: JAX {bb[f'jax_ms_per_image{suffix}']:.1f} ms/image"
+      if f"torch_ms_per_image{suffix}" in bb:
         line += (
-            f", PyTorch {bb['torch_ms_per_image_bf16']:.1f}, speedup "
-            f"x{bb['speedup_bf16']:.2f}"
+            f", PyTorch {bb[f'torch_ms_per_image{suffix}']:.1f}, speedup "
+            f"x{bb[f'speedup{suffix}']:.2f}"
         )
       print(line)
     if "mfu" in bb:
@@ -1981,6 +2060,10 @@ def main(argv=None):
   results["settings"]["peer_head"] = args.peer_head
   results["settings"]["peer_threads"] = args.peer_threads
   on_cpu = info["jax_backend"] == "cpu"
+  if args.fast_f32 is None:
+    args.fast_f32 = not on_cpu
+  results["settings"]["fast_f32"] = args.fast_f32
+  results["settings"]["sweep_precision"] = args.sweep_precision
   torch_device = "cpu"
   if args.torch:
     try:
@@ -2093,7 +2176,8 @@ def main(argv=None):
             bf16=args.bf16 and (i == 0 or args.mode != "quick"),
             with_torch=args.torch, torch_device=torch_device,
             torch_compile=args.torch_compile,
-            peak_gflops=peak.get("peak_gflops"))  # fmt: skip
+            peak_gflops=peak.get("peak_gflops"),
+            fast_f32=args.fast_f32)  # fmt: skip
       primary = per_model[args.backbone_models[0]]
       backbone = dict(primary)
       for name in args.backbone_models[1:]:
@@ -2117,7 +2201,12 @@ def main(argv=None):
 
   # ---- Sweep ---------------------------------------------------------------
   if "sweep" in args.sections:
-    with _timed_section(section_s, "sweep"):
+    tf32 = args.sweep_precision == "tensorfloat32"
+    with _timed_section(section_s, "sweep"), jax.default_matmul_precision(
+        args.sweep_precision
+    ), (
+        torch_matmul_precision(tf32) if args.torch else contextlib.nullcontext()
+    ):
       print(f"sweep {args.sweep_model}, E={args.sweep_episodes}...", flush=True)
       results["sweep"] = bench_sweep(
           model_name=args.sweep_model,
@@ -2133,6 +2222,7 @@ def main(argv=None):
           torch_threads=args.peer_threads,
           with_torch=args.torch,
       )
+      results["sweep"]["precision"] = args.sweep_precision
 
   # ---- Metrics -------------------------------------------------------------
   if "metrics" in args.sections:

@@ -111,10 +111,13 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "--sweep_steps", "3", "--sweep_shots", "1", "--sweep_pool", "6",
       "--torch_max_episodes", "1", "--metrics_maps", "3", "--metrics_size",
       "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
-      "100", "--peer_threads", "1", "--json", str(path),
+      "100", "--peer_threads", "1", "--fast_f32", "--sweep_precision",
+      "tensorfloat32", "--json", str(path),
   ])  # fmt: skip
   on_disk = json.loads(path.read_text())
   assert on_disk["mode"] == "accelerator"
+  assert on_disk["settings"]["fast_f32"]
+  assert on_disk["sweep"]["precision"] == "tensorfloat32"
 
   bb = results["backbone"]
   for key in (
@@ -124,6 +127,10 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "mfu",
       "jax_ms_per_image_bf16",
       "torch_ms_per_image_bf16",
+      # The platform's fast f32 paths (on a CPU, the same work as f32).
+      "jax_ms_per_image_fast_f32",
+      "torch_ms_per_image_fast_f32",
+      "speedup_fast_f32",
   ):
     assert math.isfinite(bb[key]) and bb[key] > 0, key
   assert bb["mfu"] == pytest.approx(bb["jax_gflops"] / 100)
@@ -158,6 +165,20 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
   for key in ("ours_s", "sklearn_s", "ours_peak_mb", "sklearn_peak_mb"):
     assert mt[key] >= 0, key
   assert mt["max_abs_diff"] < 1e-9
+
+
+def test_torch_precision_switch_sets_both_ops_and_restores(bench):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  flags = lambda: (torch.backends.cuda.matmul.allow_tf32,
+                   torch.backends.cudnn.allow_tf32)  # fmt: skip
+  before = flags()
+  with bench.torch_matmul_precision(tf32=True):
+    assert flags() == (True, True)
+    with bench.torch_matmul_precision(tf32=False):
+      assert flags() == (False, False)
+    assert flags() == (True, True)
+  assert flags() == before
 
 
 def test_mvfa_peer_head_trains(bench):
