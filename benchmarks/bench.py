@@ -87,6 +87,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import common  # pylint: disable=g-import-not-at-top
+import accelerator_peaks  # pylint: disable=g-import-not-at-top
 import metrics_memory  # pylint: disable=g-import-not-at-top
 import native_peak  # pylint: disable=g-import-not-at-top
 from ultraad_jax import clip  # pylint: disable=g-import-not-at-top
@@ -262,6 +263,7 @@ def machine_info():
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in devices],
+      "device_kind": devices[0].device_kind,
   }
 
 
@@ -791,6 +793,60 @@ def bench_backbone(
   return result
 
 
+def spec_shares(bb, spec, backend):
+  """Floors and MFUs of the JAX backbone paths against a spec sheet's peaks.
+
+  Each path is bounded by the peak of the arithmetic it runs: the f32 path
+  (true f32 products) by the fp32 peak; the fast f32 path (JAX's default
+  precision) by the TF32 peak on a GPU and the bf16 peak on a TPU (one bf16
+  pass); the bf16 path by the bf16 peak. All use XLA's FLOP count of the
+  f32 program (the same work).
+
+  Args:
+    bb: `bench_backbone`'s result.
+    spec: an `accelerator_peaks.spec_peak` entry.
+    backend: jax.default_backend().
+
+  Returns:
+    {"floor_ms_per_image<suffix>", "mfu_spec<suffix>", "peak_of<suffix>"}
+    for each timed path whose peak the spec sheet gives (suffix "",
+    "_fast_f32" or "_bf16").
+  """
+  bounds = {"": "fp32", "_fast_f32": "tf32" if backend == "gpu" else "bf16",
+            "_bf16": "bf16"}  # fmt: skip
+  out = {}
+  for suffix, name in bounds.items():
+    ms = bb.get(f"jax_ms_per_image{suffix}")
+    seconds = accelerator_peaks.floor(bb["jax_flops_per_image"], spec[name])
+    if ms is None or seconds is None:
+      continue
+    out[f"floor_ms_per_image{suffix}"] = 1e3 * seconds
+    out[f"mfu_spec{suffix}"] = 1e3 * seconds / ms
+    out[f"peak_of{suffix}"] = name
+  return out
+
+
+def add_sweep_floors(sweep, spec, precision):
+  """Adds each E's floor (steps x step FLOPs / peak) to the sweep's rows.
+
+  Args:
+    sweep: `bench_sweep`'s result (rows keyed by str(E), with `step_flops`).
+    spec: an `accelerator_peaks.spec_peak` entry.
+    precision: the sweep's precision: "float32" (bounded by the fp32 peak)
+      or "tensorfloat32" (the TF32 peak).
+  """
+  name = "fp32" if precision == "float32" else "tf32"
+  for row in sweep.values():
+    if not isinstance(row, dict) or "step_flops" not in row:
+      continue
+    step = accelerator_peaks.floor(row["step_flops"], spec[name])
+    if step is None:
+      continue
+    row["floor_train_s"] = sweep["steps"] * step
+    row["train_share_of_floor"] = row["floor_train_s"] / row["train_s"]
+    row["floor_peak"] = name
+
+
 # ----------------------------------------------------------------------------
 # Few-shot sweep.
 # ----------------------------------------------------------------------------
@@ -868,6 +924,31 @@ def description_embeds(num_episodes, support_size, dim, seed=0):
   )
 
 
+def episodes_init_fn(cfg, backbone, tx):
+  """The engine's initialisation of every episode, as `train` runs it.
+
+  Args:
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+    tx: the optax optimiser.
+
+  Returns:
+    `init_all(keys, ep_data, cache_arrays, clip_params)`, vmapped over the
+    episodes: (trainable parameters, optimiser state, frozen state).
+  """
+
+  def init_all(keys, ep_data, cache_arrays, clip_params):
+    def one(key, ep):
+      support = train.gather_support(cache_arrays, ep)
+      params = model.init(key, cfg, backbone, clip_params, support)
+      fz = model.frozen(cfg, backbone, clip_params, support)
+      return params, tx.init(params), fz
+
+    return jax.vmap(one)(keys, ep_data)
+
+  return init_all
+
+
 def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
                text_embed=None, return_init=False):  # fmt: skip
   """Trains E episodes with the project's engine; returns timings.
@@ -912,15 +993,7 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   clip_params = jax.device_put(backbone.params)
   tx = train.make_optimizer(sweep_train_config(steps))
 
-  def init_all(keys, ep_data, cache_arrays, clip_params):
-    def one(key, ep):
-      support = train.gather_support(cache_arrays, ep)
-      params = model.init(key, cfg, backbone, clip_params, support)
-      fz = model.frozen(cfg, backbone, clip_params, support)
-      return params, tx.init(params), fz
-
-    return jax.vmap(one)(keys, ep_data)
-
+  init_all = episodes_init_fn(cfg, backbone, tx)
   keys = jax.random.split(jax.random.key(seed), num_episodes)
   out = {}
   start = time.perf_counter()
@@ -1974,6 +2047,14 @@ def _print_summary(results):
           f"  PyTorch f32 {bb['torch_gflops']:.0f} GFLOP/s = "
           f"{bb['torch_share_of_peak']:.1%} of the peak"
       )
+    for suffix in ("", "_fast_f32", "_bf16"):
+      if f"floor_ms_per_image{suffix}" in bb:
+        print(
+            f"  JAX{suffix.replace('_', ' ')}: floor "
+            f"{bb[f'floor_ms_per_image{suffix}']:.3f} ms/image at the "
+            f"{bb[f'peak_of{suffix}']} spec peak, MFU "
+            f"{bb[f'mfu_spec{suffix}']:.1%}"
+        )
     if "default_xla_flags" in bb and "jax_ms_per_image" in (
         bb["default_xla_flags"]
     ):
@@ -1992,6 +2073,11 @@ def _print_summary(results):
             f", peer ({sweep['peer_head']} head) {row['torch_s']:.2f} s"
             f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
             f", speedup x{row['speedup']:.1f}"
+        )
+      if "floor_train_s" in row:
+        line += (
+            f"; {row['train_share_of_floor']:.1%} of the {row['floor_peak']}"
+            " floor"
         )
       if "torch_head_ms_per_step" in row:
         line += (
@@ -2155,7 +2241,21 @@ def main(argv=None):
     )
     if "error" in native:
       print(f"  (fma_peak.c did not run: {native['error']})", flush=True)
-  elif peak:
+  # An accelerator's peaks come from its spec sheet (accelerator_peaks.py).
+  spec = None
+  if not on_cpu:
+    spec = accelerator_peaks.spec_peak(info["device_kind"])
+    peak["spec"] = spec
+    if spec is None:
+      results["notes"].append(
+          f"No spec-sheet peak is known for device kind "
+          f"{info['device_kind']!r} (benchmarks/accelerator_peaks.py): no "
+          "floors, and an MFU only with --peak_gflops."
+      )
+    elif "peak_gflops" not in peak and spec["fp32"]:
+      peak["peak_gflops"] = 1e3 * spec["fp32"]
+      peak["source"] = f"spec sheet, fp32 dense: {spec['source']}"
+  if peak:
     results["peak"] = peak
 
   # Wall seconds of each section (the quick mode must fit 5 minutes).
@@ -2197,6 +2297,8 @@ def main(argv=None):
           backbone["project_flags_speedup"] = (
               child["jax_ms_per_image"] / primary["jax_ms_per_image"]
           )
+      if spec:
+        backbone.update(spec_shares(primary, spec, info["jax_backend"]))
       results["backbone"] = backbone
 
   # ---- Sweep ---------------------------------------------------------------
@@ -2223,6 +2325,8 @@ def main(argv=None):
           with_torch=args.torch,
       )
       results["sweep"]["precision"] = args.sweep_precision
+      if spec:
+        add_sweep_floors(results["sweep"], spec, args.sweep_precision)
 
   # ---- Metrics -------------------------------------------------------------
   if "metrics" in args.sections:

@@ -181,6 +181,37 @@ def test_torch_precision_switch_sets_both_ops_and_restores(bench):
   assert flags() == before
 
 
+def test_spec_sheet_floors_and_shares(bench):
+  spec = bench.accelerator_peaks.spec_peak("NVIDIA H200")
+  bb = {
+      "jax_flops_per_image": 4e11,
+      "jax_ms_per_image": 20.0,
+      "jax_ms_per_image_fast_f32": 2.0,
+      "jax_ms_per_image_bf16": 1.0,
+  }
+  gpu = bench.spec_shares(bb, spec, "gpu")
+  # 4e11 FLOP at 67 TFLOP/s (fp32), 494.5 (tf32), 989.5 (bf16).
+  assert gpu["floor_ms_per_image"] == pytest.approx(4e11 / 67e12 * 1e3)
+  assert gpu["mfu_spec"] == pytest.approx(4e11 / 67e12 / 20e-3)
+  assert gpu["peak_of_fast_f32"] == "tf32"
+  assert gpu["mfu_spec_fast_f32"] == pytest.approx(4e11 / 494.5e12 / 2e-3)
+  assert gpu["mfu_spec_bf16"] == pytest.approx(4e11 / 989.5e12 / 1e-3)
+  # A TPU has no f32 peak; its default precision runs one bf16 pass.
+  tpu = bench.spec_shares(
+      bb, bench.accelerator_peaks.spec_peak("TPU v5 lite"), "tpu"
+  )
+  assert "mfu_spec" not in tpu and tpu["peak_of_fast_f32"] == "bf16"
+  assert tpu["floor_ms_per_image_bf16"] == pytest.approx(4e11 / 197e12 * 1e3)
+
+  sweep = {"steps": 10, "4": {"step_flops": 1e12, "train_s": 1.0},
+           "model": "tiny"}  # fmt: skip
+  bench.add_sweep_floors(sweep, spec, "tensorfloat32")
+  assert sweep["4"]["floor_train_s"] == pytest.approx(10 * 1e12 / 494.5e12)
+  assert sweep["4"]["train_share_of_floor"] == pytest.approx(
+      sweep["4"]["floor_train_s"]
+  )
+
+
 def test_mvfa_peer_head_trains(bench):
   # The lighter head stays available (--peer_head mvfa): one uncompiled
   # episode on the tiny CLIP, its phases accounted in the split.
