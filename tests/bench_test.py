@@ -8,27 +8,18 @@ same features from the same weights, both metric implementations agree, and
 the helpers count what they claim.
 """
 
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
-_BENCH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "benchmarks",
-    "bench.py",
-)
+import bench_helpers
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("ultraad_bench", _BENCH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return bench_helpers.load_benchmark("bench")
 
 
 def test_time_interleaved_runs_each_contender_as_asked(bench):

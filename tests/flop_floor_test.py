@@ -8,21 +8,15 @@ count grows linearly with the episodes; and the command line writes the
 documented JSON, with floors equal to FLOPs over the peak.
 """
 
-import importlib.util
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-_FLOOR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "benchmarks",
-    "flop_floor.py",
-)
+import bench_helpers
 
 # Small enough for seconds per count: S = 3, a 12-row cache.
 SHOTS, POOL, EPISODES = 1, 12, 2
@@ -30,10 +24,7 @@ SHOTS, POOL, EPISODES = 1, 12, 2
 
 @pytest.fixture(scope="module")
 def ff():
-  spec = importlib.util.spec_from_file_location("ultraad_flop_floor", _FLOOR)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return bench_helpers.load_benchmark("flop_floor")
 
 
 @pytest.fixture(scope="module")

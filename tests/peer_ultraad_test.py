@@ -8,14 +8,13 @@ the peer's backbone forward against the feature cache.
 """
 
 import functools
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bench_helpers
 from configs import common
 from ultraad_jax import clip
 from ultraad_jax import features
@@ -23,25 +22,15 @@ from ultraad_jax import model
 
 torch = pytest.importorskip("torch")
 
-_BENCHMARKS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"
-)
 LAYERS = (1, 2, 3, 4)
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-      f"ultraad_{name}", os.path.join(_BENCHMARKS, f"{name}.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
 def env():
-  bench = _load("bench")  # puts benchmarks/ on sys.path for peer_ultraad
-  pu = _load("peer_ultraad")
+  bench = bench_helpers.load_benchmark(
+      "bench"
+  )  # puts benchmarks/ on sys.path for peer_ultraad
+  pu = bench_helpers.load_benchmark("peer_ultraad")
   backbone = clip.tiny()
   cfg = model.ModelConfig.from_dict(
       common.model_config(layers=LAYERS).to_dict()

@@ -1,0 +1,30 @@
+"""Loading the scripts of benchmarks/ in tests.
+
+They are scripts, not a package: each is loaded from its file under its own
+module name (so that it never shadows an installed module), and benchmarks/
+goes on sys.path when they import one another (bench.py does that itself).
+"""
+
+import importlib.util
+import os
+
+BENCHMARKS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"
+)
+
+
+def load_benchmark(name):
+  """Imports benchmarks/<name>.py as the module `ultraad_<name>`.
+
+  Args:
+    name: the script's name without ".py" ("bench", "flop_floor", ...).
+
+  Returns:
+    The executed module.
+  """
+  spec = importlib.util.spec_from_file_location(
+      f"ultraad_{name}", os.path.join(BENCHMARKS, f"{name}.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
