@@ -1910,7 +1910,8 @@ def parse_args(argv=None):
   mode.add_argument(
       "--quick",
       action="store_true",
-      help="small settings: the targets' measurements only (about 3 minutes on 2 CPU cores with warm compile caches)",
+      help="small settings: the targets' measurements only (about 3 "
+      "minutes on 2 CPU cores with warm compile caches)",
   )
   mode.add_argument(
       "--accelerator",
