@@ -323,7 +323,8 @@ def plan(mode_settings, device_kind, *, count="compiled", log=print):
     A JSON-able dict: "device_kind", "peak" (the
     `accelerator_peaks.SPEC_PEAKS` entry or None), "count", "note",
     "settings", "backbone" {model: {"batch", "image_size", "layers",
-    "analytic_gflop_per_image", "f32" and "bf16": {"gflop_per_image", "bytes_accessed_per_image", "while_loops", "count_s",
+    "analytic_gflop_per_image", "f32" and "bf16": {"gflop_per_image",
+    "bytes_accessed_per_image", "while_loops", "count_s",
     "floor_ms_per_image": {peak name: ms}}}} and "sweep" {"model",
     "shots_per_class", "support_size", "pool", "steps", "fused_map_loss",
     "episodes": {str(E): {"gflop_per_step", "gflop_per_episode_step",
