@@ -930,6 +930,47 @@ def description_embeds(num_episodes, support_size, dim, seed=0):
   )
 
 
+def sweep_model_config(layers, fused_map_loss=None):
+  """The sweep's model.ModelConfig: the base config's head at `layers`.
+
+  Args:
+    layers: the tapped layers.
+    fused_map_loss: replaces the config's `fused_map_loss` (None: keep
+      its "auto").
+
+  Returns:
+    A model.ModelConfig.
+  """
+  cfg = model.ModelConfig.from_dict(
+      common.model_config(layers=layers).to_dict()
+  )
+  if fused_map_loss is None:
+    return cfg
+  return dataclasses.replace(cfg, fused_map_loss=fused_map_loss)
+
+
+def engine_step_fn(tx, cfg, backbone, chunk, compiler_options=None):
+  """The engine's jitted train step, as `train.train_and_evaluate` builds it.
+
+  Args:
+    tx: the optax optimiser.
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+    chunk: episodes at once (`train.episode_chunk`).
+    compiler_options: per-program XLA options (None: XLA's).
+
+  Returns:
+    The jitted `train.train_step`, donating its state.
+  """
+  return jax.jit(
+      functools.partial(
+          train.train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=chunk
+      ),
+      donate_argnums=(0,),
+      compiler_options=compiler_options,
+  )
+
+
 def episodes_init_fn(cfg, backbone, tx):
   """The engine's initialisation of every episode, as `train` runs it.
 
@@ -1026,14 +1067,11 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
       jax.default_backend(),
   )
   out["episode_chunk"] = chunk
-  step_fn = jax.jit(
-      functools.partial(
-          train.train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=chunk
-      ),
-      donate_argnums=(0,),
-      # The engine's per-program XLA options (ultraad_jax/xla_env.py).
-      compiler_options=train.head_compiler_options(ep_data, cache_arrays),
-  )
+  # The engine's per-program XLA options (ultraad_jax/xla_env.py).
+  step_fn = engine_step_fn(
+      tx, cfg, backbone, chunk,
+      train.head_compiler_options(ep_data, cache_arrays),
+  )  # fmt: skip
   start = time.perf_counter()
   step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
                          key).compile()  # fmt: skip
@@ -1422,9 +1460,7 @@ def bench_sweep(
     )
   backbone = make_backbone(model_name, seed=seed)
   layers = tapped_layers(backbone.num_layers)
-  cfg = model.ModelConfig.from_dict(
-      common.model_config(layers=layers).to_dict()
-  )
+  cfg = sweep_model_config(layers)
   images, masks, labels = synthetic_pool(pool, backbone.image_size, seed)
   out = {
       "model": model_name,

@@ -34,7 +34,6 @@ CPU matches no entry of `accelerator_peaks.SPEC_PEAKS`: counts only, no floor).
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -56,9 +55,7 @@ import bench
 import jax
 import jax.numpy as jnp
 
-from configs import common
 from ultraad_jax import clip
-from ultraad_jax import model
 from ultraad_jax import train
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -188,23 +185,6 @@ def backbone_flops(model_name, batch, dtype=jnp.float32, *, count="compiled"):
   }
 
 
-def head_config(layers, fused_map_loss="off"):
-  """The sweep's model.ModelConfig (as `bench.bench_sweep` builds it).
-
-  Args:
-    layers: the tapped layers.
-    fused_map_loss: "off" (what accelerators run: "auto" turns it on only
-      on CPU), "on" or "auto".
-
-  Returns:
-    A model.ModelConfig.
-  """
-  cfg = model.ModelConfig.from_dict(
-      common.model_config(layers=layers).to_dict()
-  )
-  return dataclasses.replace(cfg, fused_map_loss=fused_map_loss)
-
-
 def head_step_flops(
     model_name,
     episodes,
@@ -245,7 +225,7 @@ def head_step_flops(
   start = time.perf_counter()
   backbone = abstract_backbone(model_name, jnp.float32)
   layers = bench.tapped_layers(backbone.num_layers)
-  cfg = head_config(layers, fused_map_loss)
+  cfg = bench.sweep_model_config(layers, fused_map_loss)
   s, d = 3 * shots, backbone.embed_dim
   n, size = backbone.grid_size**2, backbone.image_size
   shape = jax.ShapeDtypeStruct
@@ -274,12 +254,7 @@ def head_step_flops(
   # (xla_env.head_compiler_options gives none off CPU). The CPU-only YNN
   # reduce fusions it turns on for large programs also change XLA:CPU's
   # count (-0.9 % on the tiny step), so they would not be the same program.
-  step_fn = jax.jit(
-      functools.partial(
-          train.train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=episodes
-      ),
-      donate_argnums=(0,),
-  )
+  step_fn = bench.engine_step_fn(tx, cfg, backbone, episodes)
   lowered = step_fn.lower(
       state, ep_data, frozen, cache_arrays, clip_params, key
   )

@@ -120,7 +120,7 @@ def test_step_count_equals_the_engines(ff, step_count):
   supports = bench.draw_supports(labels, EPISODES, SHOTS)
   # The same config as the count: fused map losses off (at these sizes
   # "auto" would be off on CPU too).
-  cfg = ff.head_config(layers, "off")
+  cfg = ff.bench.sweep_model_config(layers, "off")
   row = bench.jax_engine(backbone, cfg, cache, supports, labels, steps=1)
   # All episodes in one vmap, so the engine did not scale a loop's count.
   assert row["episode_chunk"] == EPISODES

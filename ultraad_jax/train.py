@@ -749,8 +749,9 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   # ---- Feature cache ------------------------------------------------------
   t0 = time.time()
   test_cache, cache_arrays, ep_data, ep_val = _frozen_passes(
-      config, backbone, clip_params, cfg, split, test, episodes, mesh
-  )
+      config, backbone, clip_params, cfg, split, test, episodes,
+      replicated, by_episode,
+  )  # fmt: skip
   timing["features_s"] = time.time() - t0
 
   # ---- Model, frozen state and optimizer ----------------------------------
@@ -948,9 +949,8 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   return results
 
 
-def _frozen_passes(
-    config, backbone, clip_params, cfg, split, test, episodes, mesh
-):
+def _frozen_passes(config, backbone, clip_params, cfg, split, test, episodes,
+                   replicated, by_episode):  # fmt: skip
   """The frozen CLIP's one-off passes, at `config.precision.frozen`.
 
   The feature caches of the support and query images, and the embeddings of
@@ -964,16 +964,14 @@ def _frozen_passes(
     split: the split the episodes draw from.
     test: the query split (`split` itself unless cross-dataset).
     episodes: the episodes (their support images get every view).
-    mesh: the run's mesh.
+    replicated: the mesh's replicated sharding (the caches).
+    by_episode: its sharding along the episode axis (the episodes' arrays).
 
   Returns:
     (test_cache, cache_arrays, ep_data, ep_val): the FeatureCache of the
     queries, the support cache's (global, patch tokens, masks) arrays, and
     the episodes' training (and validation, or None) support arrays.
   """
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  by_episode = jax.sharding.NamedSharding(mesh, P("episode"))
-  cross = bool(config.data.test_name)
   # A context, not an argument: it reaches every product the transformers
   # CLIP modules trace, and jit keys its cache on it.
   with jax.default_matmul_precision(config.precision.frozen):
@@ -986,36 +984,22 @@ def _frozen_passes(
     def view_fn(imgs, msks, v):
       return pipeline.augment(imgs, msks, v, seed=view_seed)
 
-    cache = features.build(
+    build = functools.partial(
+        features.build,
         backbone,
         clip_params,
-        split.images,
-        split.masks,
-        view_fn,
-        used,
         layers=cfg.layers,
-        num_views=num_views,
         batch_size=config.cache.batch_size,
         dtype=config.cache.dtype,
         memory_budget_gb=config.cache.memory_budget_gb,
         sharding=replicated,
     )
+    cache = build(split.images, split.masks, view_fn, used,
+                  num_views=num_views)  # fmt: skip
     test_cache = cache
-    if cross:
-      test_cache = features.build(
-          backbone,
-          clip_params,
-          test.images,
-          test.masks,
-          None,
-          np.zeros(len(test.labels), bool),
-          layers=cfg.layers,
-          num_views=1,
-          batch_size=config.cache.batch_size,
-          dtype=config.cache.dtype,
-          memory_budget_gb=config.cache.memory_budget_gb,
-          sharding=replicated,
-      )
+    if test is not split:  # cross-dataset: the queries have their own cache
+      test_cache = build(test.images, test.masks, None,
+                         np.zeros(len(test.labels), bool), num_views=1)  # fmt: skip
     cache_arrays = (
         cache.global_embed,
         cache.patch_tokens,
