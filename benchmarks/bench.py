@@ -37,6 +37,13 @@ run on a fresh machine also compiles every program: 5.2 min on 2 slow cores.
 targets of issue 6); the bf16 paths, the tiny backbone and XLA's default
 flags are in the full mode.
 
+On an AMD CPU, stock PyTorch's f32 products go through Intel MKL's generic
+kernels (MKL dispatches on the vendor, not on the CPU's features), so the
+backbone's PyTorch f32 pair is timed again in a child process with that
+check bypassed (`mkl_unlock.py`, an LD_PRELOAD shim; `--torch_unlocked`, on
+by default there). `--mkl_unlock` runs every PyTorch side of a run that way,
+the sweep's peer included.
+
 Run it on an idle machine: under contention both sides slow down unevenly
 (on a shared machine, `nice -n -15` as root; the JSON records the priority
 and the load averages).
@@ -95,6 +102,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from configs import common  # pylint: disable=g-import-not-at-top
 import accelerator_peaks  # pylint: disable=g-import-not-at-top
 import metrics_memory  # pylint: disable=g-import-not-at-top
+import mkl_unlock  # pylint: disable=g-import-not-at-top
 import native_peak  # pylint: disable=g-import-not-at-top
 from ultraad_jax import clip  # pylint: disable=g-import-not-at-top
 from ultraad_jax import features  # pylint: disable=g-import-not-at-top
@@ -270,6 +278,8 @@ def machine_info():
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in devices],
       "device_kind": devices[0].device_kind,
+      # PyTorch's MKL with its vendor check bypassed (--mkl_unlock).
+      "mkl_unlocked": mkl_unlock.active(),
   }
 
 
@@ -405,20 +415,21 @@ def matmul_rate(n=4096, repeats=5):
   return 2.0 * n**3 / best / 1e9
 
 
-def run_child(kind, args, xla_mode, timeout=900):
+def run_child(kind, args, xla_mode, timeout=900, env=None):
   """Runs one measurement of this script in a child process.
 
   Args:
-    kind: "peak" or "backbone_jax".
+    kind: "peak", "backbone_jax" or "backbone_torch".
     args: extra command-line arguments for the child.
     xla_mode: ULTRAAD_BENCH_XLA of the child: "project", "default" or
       "vector512".
     timeout: seconds before the child is abandoned.
+    env: the child's environment (default: this process's).
 
   Returns:
     The JSON dict the child printed last, or {"error": message}.
   """
-  env = dict(os.environ, ULTRAAD_BENCH_XLA=xla_mode)
+  env = dict(os.environ if env is None else env, ULTRAAD_BENCH_XLA=xla_mode)
   flags = env.get("XLA_FLAGS", "")
   if xla_mode != "project":
     # The parent's project flags are in the environment; drop them.
@@ -1863,10 +1874,15 @@ def _dev_backbone(r):
   )
 
 
+def _stock_torch_backbone(r):
+  # The speedup target is against stock PyTorch, not an --mkl_unlock run's.
+  return _dev_backbone(r) and not r["machine"].get("mkl_unlocked", False)
+
+
 TARGETS = (
     ("backbone.speedup", ">=", 1.5,
      "backbone f32 speedup over stock PyTorch (compiled, frozen)",
-     _dev_backbone),
+     _stock_torch_backbone),
     ("backbone.mfu", ">=", 0.65, "backbone f32 MFU (stretch 0.72)",
      _dev_backbone),
     ("sweep.64.speedup", ">=", 20.0,
@@ -1994,6 +2010,22 @@ def parse_args(argv=None):
       "precision against PyTorch with TF32 on (default: on accelerators)",
   )
   p.add_argument(
+      "--torch_unlocked",
+      action=argparse.BooleanOptionalAction,
+      default=None,
+      help="also time PyTorch f32 with MKL's vendor check bypassed "
+      "(benchmarks/mkl_unlock.py), in a child process (default: where it "
+      "changes something: AMD CPUs)",
+  )
+  p.add_argument(
+      "--mkl_unlock",
+      action="store_true",
+      help="run every PyTorch side of this run (backbone and the sweep's "
+      "peer) with MKL's vendor check bypassed: the run restarts itself with "
+      "the shim preloaded. The backbone speedup target, which is against "
+      "stock PyTorch, is then not checked",
+  )
+  p.add_argument(
       "--sweep_precision",
       choices=("float32", "tensorfloat32"),
       default="float32",
@@ -2098,6 +2130,21 @@ def _print_summary(results):
             f"{bb[f'peak_of{suffix}']} spec peak, MFU "
             f"{bb[f'mfu_spec{suffix}']:.1%}"
         )
+    unlocked = bb.get("mkl_unlocked", {})
+    if "torch_ms_per_image" in unlocked:
+      line = (
+          f"  PyTorch f32 with MKL's vendor check bypassed (child process): "
+          f"{unlocked['torch_ms_per_image']:.1f} ms/image"
+      )
+      if "torch_share_of_peak" in unlocked:
+        line += f" = {unlocked['torch_share_of_peak']:.1%} of the peak"
+      line += (
+          f"; JAX f32 there {unlocked['jax_ms_per_image']:.1f} ms/image, "
+          f"speedup x{unlocked['speedup']:.2f}"
+      )
+      print(line)
+    if "error" in unlocked:
+      print(f"  (PyTorch with MKL unlocked: {unlocked['error']})")
     if "default_xla_flags" in bb and "jax_ms_per_image" in (
         bb["default_xla_flags"]
     ):
@@ -2143,6 +2190,85 @@ def _print_summary(results):
           f"(measured {row['value']:.3g})")  # fmt: skip
 
 
+def torch_unlocked_backbone(args, peak_gflops):
+  """The f32 backbone pair again, with MKL's vendor check bypassed.
+
+  Runs in a child process started with `mkl_unlock`'s shim preloaded: JAX
+  and PyTorch f32 interleaved there, as in this process, at the first
+  backbone model's settings.
+
+  Args:
+    args: the parsed command line (backbone settings, torch_compile).
+    peak_gflops: the peak for the shares (None: none).
+
+  Returns:
+    The child's PyTorch and JAX times, their ratio, PyTorch's share of the
+    peak, the outputs' agreement, and `mkl_unlocked` (whether the shim was
+    loaded there); or {"error": message}.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  child_args = [
+      "--backbone_models", args.backbone_models[0],
+      "--backbone_batch", str(args.backbone_batch),
+      "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+  ]  # fmt: skip
+  if not args.torch_compile:
+    child_args.append("--no-torch_compile")
+  if peak_gflops:
+    child_args += ["--peak_gflops", str(peak_gflops)]
+  with tempfile.TemporaryDirectory(prefix="ultraad_mkl_") as tmp:
+    try:
+      library = mkl_unlock.build(tmp)
+    except RuntimeError as e:
+      return {"error": f"the MKL shim could not be built: {e}"}
+    child = run_child("backbone_torch", child_args, "project",
+                      env=mkl_unlock.environment(library))  # fmt: skip
+  keep = ("torch_ms_per_image", "jax_ms_per_image", "speedup", "torch_gflops",
+          "torch_share_of_peak", "mfu", "max_abs_diff_torch_vs_jax",
+          "mkl_unlocked", "timings", "error")  # fmt: skip
+  out = {k: child[k] for k in keep if k in child}
+  if "error" not in out and not out.get("mkl_unlocked"):
+    out["error"] = (
+        "the child ran without the MKL shim (the dynamic loader did not map "
+        "it): its PyTorch time is stock PyTorch's"
+    )
+  return out
+
+
+def _rerun_unlocked(args, argv):
+  """Runs this command again, whole, with MKL's vendor check bypassed.
+
+  Args:
+    args: the parsed command line (for --json).
+    argv: the command line (None: sys.argv[1:]).
+
+  Returns:
+    The rerun's results, read back from --json (None without --json).
+
+  Raises:
+    RuntimeError: the shim could not be built.
+    SystemExit: the rerun failed (with its exit status).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  with tempfile.TemporaryDirectory(prefix="ultraad_mkl_") as tmp:
+    library = mkl_unlock.build(tmp)
+    print(f"--mkl_unlock: running again with {library} preloaded", flush=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)] + argv,
+        env=mkl_unlock.environment(library),
+        check=False,
+    )
+  if proc.returncode:
+    raise SystemExit(proc.returncode)
+  if not args.json:
+    return None
+  with open(args.json, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _child_main(args):
   kind = args._child  # pylint: disable=protected-access
   if kind == "peak":
@@ -2151,6 +2277,12 @@ def _child_main(args):
     out = bench_backbone(args.backbone_models[0], batch=args.backbone_batch,
                          repeats=args.repeats, warmup=args.warmup,
                          bf16=False, with_torch=False)  # fmt: skip
+  elif kind == "backbone_torch":
+    out = bench_backbone(args.backbone_models[0], batch=args.backbone_batch,
+                         repeats=args.repeats, warmup=args.warmup,
+                         bf16=False, torch_compile=args.torch_compile,
+                         peak_gflops=args.peak_gflops)  # fmt: skip
+    out["mkl_unlocked"] = mkl_unlock.active()
   else:
     raise ValueError(f"unknown child {kind!r}")
   out["xla_flags"] = os.environ.get("XLA_FLAGS", "")
@@ -2170,6 +2302,8 @@ def main(argv=None):
       with open(args.json, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     return summary
+  if args.mkl_unlock and not os.environ.get(mkl_unlock.MARKER):
+    return _rerun_unlocked(args, argv)
   unknown = set(args.sections) - {"peak", "backbone", "sweep", "metrics"}
   if unknown:
     raise ValueError(
@@ -2222,7 +2356,34 @@ def main(argv=None):
     results["machine"]["nice"] = os.nice(0)
   except OSError:
     pass
-  if info["vendor"] == "AMD" and args.torch and torch_device == "cpu":
+  if args.mkl_unlock and not info["mkl_unlocked"]:
+    raise RuntimeError(
+        "--mkl_unlock: this process was started with the MKL shim in "
+        f"LD_PRELOAD ({os.environ.get('LD_PRELOAD')!r}) but the dynamic "
+        "loader did not load it; see its warning above."
+    )
+  if info["mkl_unlocked"]:
+    results["notes"].append(
+        "--mkl_unlock: every PyTorch side ran with MKL's vendor check "
+        "bypassed (benchmarks/mkl_unlock.py), not as stock PyTorch runs. "
+        "The backbone speedup target, against stock PyTorch, is not checked."
+    )
+  unlock_why = None
+  if args.torch and torch_device == "cpu":
+    import torch  # pylint: disable=g-import-not-at-top
+
+    unlock_why = mkl_unlock.reason_not_applicable(
+        info["vendor"], torch.backends.mkl.is_available()
+    )
+  if args.torch_unlocked is None:
+    args.torch_unlocked = (
+        unlock_why is None and args.torch and torch_device == "cpu"
+    )
+  args.torch_unlocked = args.torch_unlocked and not info["mkl_unlocked"]
+  results["settings"]["torch_unlocked"] = args.torch_unlocked
+  results["settings"]["mkl_unlock"] = args.mkl_unlock
+  if (info["vendor"] == "AMD" and args.torch and torch_device == "cpu"
+      and not info["mkl_unlocked"]):  # fmt: skip
     results["notes"].append(
         "AMD CPU: stock PyTorch's f32 matmuls go through Intel MKL, which "
         "skips its AVX-512 kernels on AMD processors. Where AVX-512 runs at "
@@ -2230,7 +2391,8 @@ def main(argv=None):
         "peak and flatters any ratio to it; on Zen 4 (AMD family 0x19), "
         "whose AVX-512 runs at the AVX2 rate, it costs little. Either way "
         "the honest figure is the share of the FMA peak (MFU; PyTorch's "
-        "share is backbone.torch_share_of_peak)."
+        "share is backbone.torch_share_of_peak). backbone.mkl_unlocked "
+        "times PyTorch again with the check bypassed (--torch_unlocked)."
     )
 
   # ---- Peak ----------------------------------------------------------------
@@ -2345,6 +2507,18 @@ def main(argv=None):
           backbone["project_flags_speedup"] = (
               child["jax_ms_per_image"] / primary["jax_ms_per_image"]
           )
+      if args.torch_unlocked:
+        print(
+            "backbone: PyTorch f32 with MKL's vendor check bypassed "
+            "(child)...",
+            flush=True,
+        )
+        unlocked = torch_unlocked_backbone(args, peak.get("peak_gflops"))
+        if unlock_why:
+          unlocked["note"] = (
+              f"asked for with --torch_unlocked, but {unlock_why}"
+          )
+        backbone["mkl_unlocked"] = unlocked
       if spec:
         backbone.update(spec_shares(primary, spec, info["jax_backend"]))
       results["backbone"] = backbone

@@ -10,6 +10,9 @@ the helpers count what they claim.
 
 import json
 import math
+import os
+import platform
+import shutil
 
 import numpy as np
 import pytest
@@ -91,6 +94,58 @@ def test_targets_only_apply_where_they_were_set(bench):
   rows = {r["target"].split(":")[1].split()[0]: r["met"]
           for r in bench.check_targets(results)}  # fmt: skip
   assert rows["backbone.speedup"] and not rows["backbone.mfu"]
+  # A run with MKL's vendor check bypassed is not against stock PyTorch.
+  results["machine"]["mkl_unlocked"] = True
+  rows = {r["target"].split(":")[1].split()[0]: r["met"]
+          for r in bench.check_targets(results)}  # fmt: skip
+  assert "backbone.speedup" not in rows and not rows["backbone.mfu"]
+
+
+def test_torch_with_mkl_unlocked_runs_in_a_child_with_the_shim(bench):
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    pytest.skip("the MKL shim is for Linux on x86-64")
+  if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    pytest.skip("no C compiler on PATH to build benchmarks/mkl_unlock.c")
+  # Forced on (on an Intel CPU the shim changes nothing, but still loads).
+  results = bench.main([
+      "--quick", "--sections", "backbone", "--backbone_models", "tiny",
+      "--backbone_batch", "2", "--repeats", "1", "--warmup", "1",
+      "--no-torch_compile", "--peak_gflops", "100", "--torch_unlocked",
+  ])  # fmt: skip
+  assert results["settings"]["torch_unlocked"]
+  assert not results["machine"]["mkl_unlocked"]  # this process: stock
+  unlocked = results["backbone"]["mkl_unlocked"]
+  assert "error" not in unlocked, unlocked.get("error")
+  assert unlocked["mkl_unlocked"]  # the child: the shim was mapped
+  for key in ("torch_ms_per_image", "jax_ms_per_image", "speedup"):
+    assert math.isfinite(unlocked[key]) and unlocked[key] > 0, key
+  assert unlocked["torch_share_of_peak"] == pytest.approx(
+      unlocked["torch_gflops"] / 100
+  )
+  # The same features with MKL's other kernels.
+  assert unlocked["max_abs_diff_torch_vs_jax"] < 1e-4
+
+
+def test_mkl_unlock_reruns_the_whole_command_with_the_shim(bench, tmp_path):
+  if platform.system() != "Linux" or platform.machine() != "x86_64":
+    pytest.skip("the MKL shim is for Linux on x86-64")
+  if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    pytest.skip("no C compiler on PATH to build benchmarks/mkl_unlock.c")
+  path = tmp_path / "unlocked.json"
+  results = bench.main([
+      "--quick", "--sections", "backbone", "--backbone_models", "tiny",
+      "--backbone_batch", "2", "--repeats", "1", "--warmup", "1",
+      "--no-torch_compile", "--peak_gflops", "100", "--mkl_unlock",
+      "--json", str(path),
+  ])  # fmt: skip
+  # Read back from the rerun's JSON: that process ran with the shim, so it
+  # timed no second, unlocked child, and says why its targets differ.
+  assert results["machine"]["mkl_unlocked"]
+  assert results["settings"]["mkl_unlock"]
+  assert not results["settings"]["torch_unlocked"]
+  assert "mkl_unlocked" not in results["backbone"]
+  assert any("--mkl_unlock" in note for note in results["notes"])
+  assert math.isfinite(results["backbone"]["torch_ms_per_image"])
 
 
 def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
@@ -103,7 +158,7 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "--torch_max_episodes", "1", "--metrics_maps", "3", "--metrics_size",
       "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
       "100", "--peer_threads", "1", "--fast_f32", "--sweep_precision",
-      "tensorfloat32", "--json", str(path),
+      "tensorfloat32", "--no-torch_unlocked", "--json", str(path),
   ])  # fmt: skip
   on_disk = json.loads(path.read_text())
   assert on_disk["mode"] == "accelerator"
