@@ -136,7 +136,10 @@ def test_full_size_shapes(prompt_mode):
   assert params["bank_image"].shape == (s, 768)
   meta_out = 2 * 768 if prompt_mode == "output" else 768
   assert params["meta_net"]["w2"].shape == (48, meta_out)
-  assert state["memory"].shape == (4, s, n, d)
+  # The patch memory is not kept per episode (22 GB for 256 episodes at
+  # this size): predictions build it from the support.
+  assert "memory" not in state
+  assert jax.eval_shape(model.support_memory, sup).shape == (4, s, n, d)
   assert state["prompt_embeds"].shape[::2] == (2, 768)
   preds = jax.eval_shape(
       lambda p, st, q, cp: model.predict(p, st, q, cfg=cfg, backbone=big,
@@ -199,7 +202,7 @@ def test_support_without_any_mask_fails(ep):
   state = jax.eval_shape(  # allowed then
       lambda sp: model.frozen(cfg, ep["bb"], ep["bb"].params, sp), sup
   )
-  assert state["memory"].shape == sup.patch_tokens.shape
+  assert state["memory_normal"].shape == sup.labels.shape
 
 
 def test_bad_feature_shapes_name_the_field(ep):
@@ -262,9 +265,10 @@ def test_gradients_reach_every_trainable_leaf_and_nothing_frozen(ep, cfg):
     assert float(jnp.abs(leaf).max()) == 0
   # ... and Pt does matter: the zero gradient is a stop, not an absence.
   moved = sup._replace(text_embed=sup.text_embed[::-1])
-  a = fns["predict"](params, state, ep["query"], clip_params=bb.params)
+  a = fns["predict"](params, state, ep["query"], clip_params=bb.params,
+                     support=sup)  # fmt: skip
   b = fns["predict"](params, fns["frozen"](moved), ep["query"],
-                     clip_params=bb.params)  # fmt: skip
+                     clip_params=bb.params, support=moved)  # fmt: skip
   assert float(jnp.abs(a.class_probs - b.class_probs).max()) > 1e-6
 
 
@@ -282,9 +286,9 @@ def test_predictions_invariant_to_support_order(ep, cfg):
   if "bank_image" in params:
     params_p["bank_image"] = params["bank_image"][perm]
   a = fns["predict"](params, fns["frozen"](sup), ep["query"],
-                     clip_params=bb.params)  # fmt: skip
+                     clip_params=bb.params, support=sup)  # fmt: skip
   b = fns["predict"](params_p, fns["frozen"](sup_p), ep["query"],
-                     clip_params=bb.params)  # fmt: skip
+                     clip_params=bb.params, support=sup_p)  # fmt: skip
   np.testing.assert_allclose(a.class_probs, b.class_probs, atol=1e-5)
   np.testing.assert_allclose(a.maps, b.maps, atol=1e-5)
   np.testing.assert_allclose(a.image_score, b.image_score, atol=1e-5)
@@ -297,7 +301,8 @@ def test_maps_in_unit_interval_scores_finite(ep, cfg):
   params = fns["init"](jax.random.key(0), sup)
   state = fns["frozen"](sup)
   for p in (params, jax.tree.map(lambda x: 30.0 * x, params)):  # extreme too
-    out = fns["predict"](p, state, ep["query"], clip_params=bb.params)
+    out = fns["predict"](p, state, ep["query"], clip_params=bb.params,
+                         support=sup)  # fmt: skip
     assert out.maps.shape == (3, 64, 64)
     assert float(out.maps.min()) >= 0 and float(out.maps.max()) <= 1
     assert np.all(np.isfinite(out.image_score))
@@ -310,7 +315,8 @@ def test_baselines_through_the_model_api(ep):
   for name in model.baselines.NAMES:
     run = jax.jit(functools.partial(model.baseline_predictions, name,
                                     cfg=CFG, backbone=bb))  # fmt: skip
-    out = run(clip_params=bb.params, query=query, frozen_state=state)
+    out = run(clip_params=bb.params, query=query, frozen_state=state,
+              support=sup)  # fmt: skip
     assert out.image_score.shape == (3,)
     assert np.all(np.isfinite(out.image_score)), name
     if out.maps is not None:
@@ -327,6 +333,39 @@ def test_baselines_through_the_model_api(ep):
     model.baseline_predictions("bogus", cfg=CFG, backbone=bb,
                                clip_params=bb.params, support=sup,
                                query=query, frozen_state=state)  # fmt: skip
+
+
+def test_patch_memory_is_built_from_the_support_where_needed(ep):
+  bb, sup, query = ep["bb"], ep["support"], ep["query"]
+  state = _fns(CFG, bb)["frozen"](sup)
+  # The baseline through the model API is the baselines.py function on the
+  # support's normalised tokens and its normal samples.
+  out = model.baseline_predictions(
+      "patch_memory", cfg=CFG, backbone=bb, clip_params=bb.params,
+      support=sup, query=query, frozen_state=state)  # fmt: skip
+  ref_maps, ref_scores = model.baselines.patch_memory(
+      query.patch_tokens, model.maps.l2_normalize(sup.patch_tokens),
+      sup.labels == 0, image_size=bb.image_size,
+      smoothing_sigma=CFG.smoothing_sigma,
+  )  # fmt: skip
+  np.testing.assert_allclose(out.maps, ref_maps, atol=1e-6)
+  np.testing.assert_allclose(out.image_score, ref_scores, atol=1e-6)
+  # Without the support there is no memory to read: a clear error, for the
+  # baseline and for the model with patch_memory on.
+  with pytest.raises(ValueError, match="support="):
+    model.baseline_predictions(
+        "patch_memory", cfg=CFG, backbone=bb, clip_params=bb.params,
+        query=query, frozen_state=state)  # fmt: skip
+  fns = _fns(ALT, bb)
+  params = fns["init"](jax.random.key(0), sup)
+  with pytest.raises(ValueError, match="patch_memory=True"):
+    model.predict(params, fns["frozen"](sup), query, cfg=ALT, backbone=bb,
+                  clip_params=bb.params)  # fmt: skip
+  # The default config never reads it.
+  params = _fns(CFG, bb)["init"](jax.random.key(0), sup)
+  out = model.predict(params, state, query, cfg=CFG, backbone=bb,
+                      clip_params=bb.params)  # fmt: skip
+  assert out.maps.shape == (3, bb.image_size, bb.image_size)
 
 
 def test_loss_uses_leave_one_out_exclusion(ep):

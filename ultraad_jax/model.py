@@ -462,8 +462,8 @@ def frozen(cfg: ModelConfig, backbone, clip_params, support: Support):
 
   Returns:
     {"prompt_embeds" [2, S, W], "prompt_eot" [2], "bank_text" [S', D] (Pt),
-    "bank_labels" [S', 3] (Lt), "bank_group" [S'], "memory" [L, S', N, D]
-    (normalised support patch tokens), "memory_normal" [S'] bool,
+    "bank_labels" [S', 3] (Lt), "bank_group" [S'], "memory_normal" [S']
+    bool (the support samples the patch memory may use),
     "zs_text" [2, D], "zs_class_text" [3, D], "probe" (the linear_probe
     baseline, fitted once here), "center_prior" [H, W], "class_prior" [3],
     and "bank_image" [S', D] when Ft is frozen}.
@@ -496,7 +496,12 @@ def frozen(cfg: ModelConfig, backbone, clip_params, support: Support):
       ),
       "bank_labels": onehot,
       "bank_group": support.group.astype(jnp.int32),
-      "memory": sg(maps.l2_normalize(support.patch_tokens.astype(jnp.float32))),
+      # Not the patch memory itself: it is the support's patch tokens,
+      # normalised (`support_memory`), computed where a prediction needs it.
+      # Kept here, it was [L, S', N, D] per episode for the whole run (1.2 GB
+      # at ViT-B/16 for 64 episodes, 22 GB at ViT-L/14@336 for 256) and most
+      # of the episodes' initialisation time, for a map that training never
+      # reads.
       "memory_normal": labels == 0,
       "zs_text": zs_text,
       "zs_class_text": zs_class_text,
@@ -580,8 +585,33 @@ def _forward(params, state, global_embed, patch_tokens, exclude, *, cfg,
   }
 
 
+def support_memory(support: Support) -> jax.Array:
+  """The normal patch memory's entries: the support's normalised tokens.
+
+  Args:
+    support: the episode's support set.
+
+  Returns:
+    [L, S', N, D] float32, L2-normalised, outside the gradient.
+  """
+  return jax.lax.stop_gradient(
+      maps.l2_normalize(support.patch_tokens.astype(jnp.float32))
+  )
+
+
+def _require_support(support, what):
+  if support is None:
+    raise ValueError(
+        f"{what} reads the normal patch memory, which is built from the "
+        "episode's support set: pass support= (the Support the frozen state "
+        "was built from)."
+    )
+  return support
+
+
 def predict(params, frozen_state, query: Query, *, cfg: ModelConfig, backbone,
-            clip_params, exclude=None) -> Predictions:  # fmt: skip
+            clip_params, exclude=None,
+            support: Support | None = None) -> Predictions:  # fmt: skip
   """Maps, image scores and class probabilities for B query images.
 
   Args:
@@ -594,10 +624,15 @@ def predict(params, frozen_state, query: Query, *, cfg: ModelConfig, backbone,
     exclude: optional [B, S'] bool removing support entries from each
       query's bank read-out and patch memory (for queries that are support
       samples). None at evaluation on held-out queries.
+    support: the episode's support set; needed only with cfg.patch_memory
+      (the memory is its normalised patch tokens).
 
   Returns:
     Predictions(maps [B, H, W] in [0, 1], image_score [B], class_probs
     [B, 3]).
+
+  Raises:
+    ValueError: cfg.patch_memory without a support set.
   """
   _check_features(cfg, backbone, query.global_embed, query.patch_tokens,
                   "query")  # fmt: skip
@@ -608,7 +643,11 @@ def predict(params, frozen_state, query: Query, *, cfg: ModelConfig, backbone,
       jax.nn.sigmoid(out["layer_logits"]), cfg.layer_combine
   )
   if cfg.patch_memory:
-    mem = _memory_map(frozen_state, out["patches"], exclude, backbone)
+    support = _require_support(support, "model.patch_memory=True")
+    mem = _memory_map(
+        frozen_state, support_memory(support), out["patches"], exclude,
+        backbone,
+    )  # fmt: skip
     amap = (1.0 - cfg.memory_weight) * amap + cfg.memory_weight * mem
   amap = jnp.clip(maps.gaussian_smooth(amap, cfg.smoothing_sigma), 0.0, 1.0)
   class_probs = jax.nn.softmax(out["class_logits"], axis=-1)
@@ -621,13 +660,11 @@ def predict(params, frozen_state, query: Query, *, cfg: ModelConfig, backbone,
   return Predictions(maps=amap, image_score=score, class_probs=class_probs)
 
 
-def _memory_map(state, patches, exclude, backbone):
+def _memory_map(state, memory, patches, exclude, backbone):
   keep = jax.lax.stop_gradient(state["memory_normal"])[None]
   if exclude is not None:
     keep = keep & ~exclude.astype(bool)
-  dist = maps.memory_distance(
-      patches, jax.lax.stop_gradient(state["memory"]), keep
-  )
+  dist = maps.memory_distance(patches, memory, keep)
   return maps.upsample(dist, backbone.image_size)
 
 
@@ -802,16 +839,20 @@ def baseline_predictions(name: str, *, cfg: ModelConfig, backbone,
     clip_params: its frozen parameters (unused: the zero-shot text features
       are in the frozen state; kept for a uniform signature).
     query: the queries.
-    frozen_state: from `frozen` (it holds everything the baselines need).
-    support: unused, accepted for callers that pass it (the frozen state
-      carries the support's embeddings, labels and masks).
+    frozen_state: from `frozen` (everything the baselines need, except the
+      patch memory).
+    support: the episode's support set; needed only by patch_memory (its
+      memory is the support's normalised patch tokens, `support_memory`).
 
   Returns:
     Predictions; fields a baseline does not produce are None (patch_memory
     has no class_probs, linear_probe no maps). center_prior's class_probs are
     the support's class frequencies.
+
+  Raises:
+    ValueError: an unknown name, or patch_memory without a support set.
   """
-  del clip_params, support
+  del clip_params
   _check_features(cfg, backbone, query.global_embed, query.patch_tokens,
                   "query")  # fmt: skip
   sg = jax.lax.stop_gradient
@@ -826,8 +867,10 @@ def baseline_predictions(name: str, *, cfg: ModelConfig, backbone,
     )  # fmt: skip
     return Predictions(m, s, c)
   if name == "patch_memory":
+    support = _require_support(support, "The patch_memory baseline")
     m, s = baselines.patch_memory(
-        sg(query.patch_tokens), state["memory"], state["memory_normal"],
+        sg(query.patch_tokens), support_memory(support),
+        state["memory_normal"],
         image_size=h, smoothing_sigma=cfg.smoothing_sigma,
     )  # fmt: skip
     return Predictions(m, s, None)

@@ -567,16 +567,20 @@ def predict_step(
   )
 
   def one(p, fz, ep):
+    # The support is gathered from the cache here, per chunk of episodes:
+    # only the patch memory reads it (and XLA drops the gather otherwise).
+    support = gather_support(cache_arrays, ep)
     if method == "ultraad":
       return model.predict(
-          p, fz, query, cfg=cfg, backbone=backbone, clip_params=clip_params
-      )
+          p, fz, query, cfg=cfg, backbone=backbone, clip_params=clip_params,
+          support=support,
+      )  # fmt: skip
     return model.baseline_predictions(
         method,
         cfg=cfg,
         backbone=backbone,
         clip_params=clip_params,
-        support=gather_support(cache_arrays, ep),
+        support=support,
         frozen_state=fz,
         query=query,
     )
