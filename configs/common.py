@@ -173,7 +173,8 @@ def get_base_config():
   c.train.batch_size = 0  # support samples per step; 0 = the whole support set
   # Episodes per device that a train step computes at once; the rest follow
   # in a loop inside the same compiled step. 0 = automatic: on CPU a few at a
-  # time when episodes are small (they then stay in cache), elsewhere all.
+  # time when episodes are small (they then stay in cache) or when all of
+  # them would exceed 2^27 token elements (memory), elsewhere all.
   c.train.episode_chunk = 0
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 10

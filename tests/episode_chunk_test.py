@@ -27,6 +27,12 @@ P = jax.sharding.PartitionSpec
         (0, 64, 1, 196_608, "cpu", 4),  # tiny: 4 x 196k <= 1M
         (0, 64, 2, 196_608, "cpu", 8),  # 4 per device on 2 devices
         (0, 8, 1, 4_816_896, "cpu", 8),  # ViT-B/16 episodes: all at once
+        (0, 16, 1, 4_816_896, "cpu", 16),  # ... up to 2^27 elements
+        (0, 64, 1, 4_816_896, "cpu", 16),  # ... then chunks of at most that
+        (0, 64, 2, 4_816_896, "cpu", 32),  # 16 per device on 2 devices
+        (0, 48, 1, 4_816_896, "cpu", 24),  # the largest divisor that fits
+        (0, 4, 1, 1 << 28, "cpu", 1),  # huge episodes: one at a time
+        (0, 64, 1, 4_816_896, "gpu", 64),  # accelerators: all at once
         (0, 64, 1, 196_608, "gpu", 64),  # accelerators: all at once
         (0, 7, 1, 196_608, "cpu", 7),  # no divisor of 7 in 2..5
         (2, 64, 4, 1, "gpu", 8),  # explicit: per device
