@@ -32,7 +32,8 @@ Usage (from the repository root):
   python benchmarks/bench.py --trace_summary runs/prof  # read a profiled run
 
 (*) With warm compile caches (JAX's persistent cache, inductor's); the first
-run on a fresh machine also compiles every program: 5.2 min on 2 slow cores.
+run on a fresh machine also compiles every program: 5.2 min on 2 slow Xeon
+cores, 3.1 min on 2 AMD Zen 5 cores (docs/PERFORMANCE.md, rounds 5 and 6).
 --quick times the f32 ViT-B/16 backbone, the tiny sweep and the metrics (the
 targets of issue 6); the bf16 paths, the tiny backbone and XLA's default
 flags are in the full mode.
