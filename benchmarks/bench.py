@@ -30,6 +30,8 @@ Usage (from the repository root):
   python benchmarks/bench.py --json bench.json           # larger, CPU
   python benchmarks/bench.py --accelerator --bf16 --json acc.json  # GPU/TPU
   python benchmarks/bench.py --trace_summary runs/prof  # read a profiled run
+  python benchmarks/bench_figure.py bench.json bench.png  # its figure (or
+                                                         # --figure PATH)
 
 (*) With warm compile caches (JAX's persistent cache, inductor's); the first
 run on a fresh machine also compiles every program: 5.2 min on 2 slow Xeon
@@ -102,6 +104,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import common  # pylint: disable=g-import-not-at-top
 import accelerator_peaks  # pylint: disable=g-import-not-at-top
+import bench_figure  # pylint: disable=g-import-not-at-top
 import metrics_memory  # pylint: disable=g-import-not-at-top
 import mkl_unlock  # pylint: disable=g-import-not-at-top
 import native_peak  # pylint: disable=g-import-not-at-top
@@ -1973,6 +1976,11 @@ def parse_args(argv=None):
   )
   p.add_argument("--json", help="write the results here")
   p.add_argument(
+      "--figure",
+      help="draw the backbone times and the sweep's scaling into this PNG "
+      "(bench_figure.py; also from a saved JSON)",
+  )
+  p.add_argument(
       "--sections",
       type=_csv(str),
       default=("peak", "backbone", "sweep", "metrics"),
@@ -2572,6 +2580,9 @@ def main(argv=None):
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, default=str)
     print(f"wrote {args.json}")
+  if args.figure:
+    bench_figure.draw(results, args.figure)
+    print(f"wrote {args.figure}")
   return results
 
 

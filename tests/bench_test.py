@@ -159,8 +159,10 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
       "100", "--peer_threads", "1", "--fast_f32", "--sweep_precision",
       "tensorfloat32", "--no-torch_unlocked", "--json", str(path),
+      "--figure", str(tmp_path / "bench.png"),
   ])  # fmt: skip
   on_disk = json.loads(path.read_text())
+  assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert on_disk["mode"] == "accelerator"
   assert on_disk["settings"]["fast_f32"]
   assert on_disk["sweep"]["precision"] == "tensorfloat32"
@@ -354,3 +356,47 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
   )
   with pytest.raises(FileNotFoundError, match="profile_steps"):
     bench.trace_summary(str(tmp_path / "missing"))
+
+
+def test_figure_draws_what_was_measured(tmp_path):
+  bench_figure = bench_helpers.load_benchmark("bench_figure")
+  results = {
+      "mode": "quick",
+      "machine": {"cpu_model": "test CPU", "cores": 2, "jax_backend": "cpu"},
+      "peak": {"peak_gflops": 500.0},
+      "backbone": {
+          "model": "ViT-B/16", "batch": 8, "jax_flops_per_image": 3.5e10,
+          "jax_ms_per_image": 90.0, "torch_ms_per_image": 170.0,
+          "mkl_unlocked": {"torch_ms_per_image": 75.0},
+      },
+      "sweep": {
+          "model": "tiny", "steps": 10,
+          "1": {"jax_s": 0.05, "torch_s": 0.12, "speedup": 2.4,
+                "torch_extrapolated": False},
+          "64": {"jax_s": 1.6, "torch_s": 8.0, "speedup": 5.0,
+                 "torch_extrapolated": True},
+      },
+  }  # fmt: skip
+  assert bench_figure.backbone_bars(results) == [
+      ("JAX f32", 90.0),
+      ("PyTorch f32,\nstock", 170.0),
+      ("PyTorch f32,\nMKL unlocked", 75.0),
+  ]
+  points = bench_figure.sweep_points(results)
+  assert [p["episodes"] for p in points] == [1, 64]
+  assert points[1]["jax_s_per_episode"] == pytest.approx(1.6 / 64)
+  assert points[1]["torch_s_per_episode"] == pytest.approx(8.0 / 64)
+  assert points[1]["extrapolated"] and not points[0]["extrapolated"]
+  path = tmp_path / "sub" / "fig.png"
+  bench_figure.draw(results, str(path))
+  assert path.read_bytes()[:4] == b"\x89PNG"
+  # The command line draws the same from a saved JSON.
+  saved = tmp_path / "results.json"
+  saved.write_text(json.dumps(results))
+  bench_figure.main([str(saved), str(tmp_path / "cli.png")])
+  assert (tmp_path / "cli.png").read_bytes()[:4] == b"\x89PNG"
+  # One section alone draws one panel; none is an error that says so.
+  del results["sweep"]
+  bench_figure.draw(results, str(tmp_path / "bb.png"))
+  with pytest.raises(ValueError, match="--sections"):
+    bench_figure.draw({"machine": {}}, str(tmp_path / "none.png"))
