@@ -66,6 +66,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 import warnings
@@ -2215,8 +2216,6 @@ def torch_unlocked_backbone(args, peak_gflops):
     peak, the outputs' agreement, and `mkl_unlocked` (whether the shim was
     loaded there); or {"error": message}.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-
   child_args = [
       "--backbone_models", args.backbone_models[0],
       "--backbone_batch", str(args.backbone_batch),
@@ -2259,8 +2258,6 @@ def _rerun_unlocked(args, argv):
     RuntimeError: the shim could not be built.
     SystemExit: the rerun failed (with its exit status).
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-
   argv = list(sys.argv[1:] if argv is None else argv)
   with tempfile.TemporaryDirectory(prefix="ultraad_mkl_") as tmp:
     library = mkl_unlock.build(tmp)

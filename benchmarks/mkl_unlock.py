@@ -21,8 +21,8 @@ why and bench.py times stock PyTorch only.
 
 import os
 import platform
-import shutil
-import subprocess
+
+import native_peak
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                        "mkl_unlock.c")  # fmt: skip
@@ -66,17 +66,8 @@ def build(workdir):
   Raises:
     RuntimeError: no C compiler, or the build failed (the message says why).
   """
-  compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-  if not compiler:
-    raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
   lib = os.path.join(os.path.abspath(workdir), _LIBRARY)
-  cmd = [compiler, "-O2", "-shared", "-fPIC", _SOURCE, "-o", lib]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  except OSError as e:
-    raise RuntimeError(f"{compiler} could not run: {e}") from e
-  if proc.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+  native_peak.compile_shared(_SOURCE, lib)
   return lib
 
 

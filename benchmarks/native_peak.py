@@ -46,6 +46,34 @@ def isa_for(flags):
   return None
 
 
+def c_compiler():
+  """The host's C compiler: $CC, else cc or gcc on PATH; None if none."""
+  return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def compile_shared(source, library, flags=()):
+  """Compiles one C file into a shared library with the host's compiler.
+
+  Args:
+    source: the .c file.
+    library: the .so to write.
+    flags: extra compiler flags.
+
+  Raises:
+    RuntimeError: no C compiler, or the build failed (the message says why).
+  """
+  compiler = c_compiler()
+  if not compiler:
+    raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
+  cmd = [compiler, "-O2", "-shared", "-fPIC", *flags, source, "-o", library]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  except OSError as e:
+    raise RuntimeError(f"{compiler} could not run: {e}") from e
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+
+
 def build(width, isa_flags, workdir):
   """Compiles fma_peak.c into a shared library.
 
@@ -60,15 +88,8 @@ def build(width, isa_flags, workdir):
   Raises:
     RuntimeError: no C compiler, or the build failed (the message says why).
   """
-  compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-  if not compiler:
-    raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
   lib = os.path.join(workdir, f"fma_peak_{width}.so")
-  cmd = [compiler, "-O2", "-shared", "-fPIC", f"-DVEC_WIDTH={width}",
-         *isa_flags, _SOURCE, "-o", lib]  # fmt: skip
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+  compile_shared(_SOURCE, lib, [f"-DVEC_WIDTH={width}", *isa_flags])
   dll = ctypes.CDLL(lib)
   dll.fma_chains.restype = ctypes.c_float
   dll.fma_chains.argtypes = [ctypes.c_int64, ctypes.c_float, ctypes.c_float]

@@ -10,9 +10,7 @@ the helpers count what they claim.
 
 import json
 import math
-import os
 import platform
-import shutil
 
 import numpy as np
 import pytest
@@ -101,11 +99,15 @@ def test_targets_only_apply_where_they_were_set(bench):
   assert "backbone.speedup" not in rows and not rows["backbone.mfu"]
 
 
-def test_torch_with_mkl_unlocked_runs_in_a_child_with_the_shim(bench):
+def _skip_without_the_mkl_shim(bench):
   if platform.system() != "Linux" or platform.machine() != "x86_64":
     pytest.skip("the MKL shim is for Linux on x86-64")
-  if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+  if not bench.native_peak.c_compiler():
     pytest.skip("no C compiler on PATH to build benchmarks/mkl_unlock.c")
+
+
+def test_torch_with_mkl_unlocked_runs_in_a_child_with_the_shim(bench):
+  _skip_without_the_mkl_shim(bench)
   # Forced on (on an Intel CPU the shim changes nothing, but still loads).
   results = bench.main([
       "--quick", "--sections", "backbone", "--backbone_models", "tiny",
@@ -127,10 +129,7 @@ def test_torch_with_mkl_unlocked_runs_in_a_child_with_the_shim(bench):
 
 
 def test_mkl_unlock_reruns_the_whole_command_with_the_shim(bench, tmp_path):
-  if platform.system() != "Linux" or platform.machine() != "x86_64":
-    pytest.skip("the MKL shim is for Linux on x86-64")
-  if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-    pytest.skip("no C compiler on PATH to build benchmarks/mkl_unlock.c")
+  _skip_without_the_mkl_shim(bench)
   path = tmp_path / "unlocked.json"
   results = bench.main([
       "--quick", "--sections", "backbone", "--backbone_models", "tiny",

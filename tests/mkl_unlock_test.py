@@ -9,7 +9,6 @@ process started without it does not.
 
 import os
 import platform
-import shutil
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 )
 import mkl_unlock  # pylint: disable=g-import-not-at-top,wrong-import-position
+import native_peak  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _ON_LINUX_X86 = platform.system() == "Linux" and platform.machine() == "x86_64"
 
@@ -26,7 +26,7 @@ _ON_LINUX_X86 = platform.system() == "Linux" and platform.machine() == "x86_64"
 def _build_or_skip(tmp_path):
   if not _ON_LINUX_X86:
     pytest.skip("LD_PRELOAD shims are for Linux on x86-64")
-  if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+  if not native_peak.c_compiler():
     pytest.skip("no C compiler on PATH to build mkl_unlock.c")
   return mkl_unlock.build(str(tmp_path))
 
