@@ -9,10 +9,10 @@ allocated and nothing runs. The programs are those `bench.py` times in its
 "accelerator" mode:
 
 * the backbone: `clip.Backbone.encode_image` at the tapped layers
-  (`bench.tapped_layers`), f32 and bf16 (bf16 parameters, as
-  `bench.bench_backbone` runs it);
+  (`bench_backbone.tapped_layers`), f32 and bf16 (bf16 parameters, as
+  `bench_backbone.measure` runs it);
 * the sweep: one training step of all E episodes of the UltraAD head
-  (`train.train_step`, built as `bench.jax_engine` builds it), with every
+  (`train.train_step`, built as `bench_sweep.jax_engine` builds it), with every
   episode in one vmap (no episode loop, see `head_step_flops`).
 
 The counts are XLA:CPU's, of the same programs compiled from shapes. An
@@ -52,8 +52,12 @@ for _path in (_REPO, _HERE):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import accelerator_peaks
 import bench
+import bench_backbone
+import bench_sweep
+import bench_timing
 import jax
 import jax.numpy as jnp
+import sweep_inputs
 
 from ultraad_jax import clip
 from ultraad_jax import train
@@ -105,7 +109,7 @@ def _count(lowered, count):
     hlo = lowered.as_text(dialect="hlo")
   else:
     raise ValueError(f"count={count!r}; expected one of {COUNTS}.")
-  return bench._cost(program), hlo  # pylint: disable=protected-access
+  return bench_timing.xla_cost(program), hlo
 
 
 def _while_loops(hlo_text):
@@ -127,7 +131,7 @@ def abstract_backbone(model_name, dtype=jnp.float32):
     model_name: "tiny" (`clip.tiny`'s shape) or a name `clip.openai_config`
       knows ("ViT-L/14@336", ...).
     dtype: the computation dtype; the parameters get it too (as
-      `bench.bench_backbone` casts them for bf16).
+      `bench_backbone.measure` casts them for bf16).
 
   Returns:
     The clip.Backbone; its `params` are abstract.
@@ -157,12 +161,12 @@ def backbone_flops(model_name, batch, dtype=jnp.float32, *, count="compiled"):
   Returns:
     A dict: "flops_per_image", "flops" (the whole call), "bytes_accessed"
     (the call, XLA:CPU's fusion), "analytic_flops_per_image"
-    (`bench.analytic_vit_flops`), "batch", "image_size", "layers",
+    (`bench_backbone.analytic_vit_flops`), "batch", "image_size", "layers",
     "while_loops" (0 expected) and "count_s" (seconds to count).
   """
   start = time.perf_counter()
   backbone = abstract_backbone(model_name, dtype)
-  layers = bench.tapped_layers(backbone.num_layers)
+  layers = bench_backbone.tapped_layers(backbone.num_layers)
   size = backbone.image_size
   pixels = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   lowered = jax.jit(backbone.encode_image, static_argnums=2).lower(
@@ -175,7 +179,7 @@ def backbone_flops(model_name, batch, dtype=jnp.float32, *, count="compiled"):
       "flops": flops,
       "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
       "analytic_flops_per_image": float(
-          bench.analytic_vit_flops(backbone, len(layers))
+          bench_backbone.analytic_vit_flops(backbone, len(layers))
       ),
       "batch": batch,
       "image_size": size,
@@ -195,9 +199,9 @@ def head_step_flops(
     steps=50,
     count="compiled",
 ):
-  """XLA's FLOPs of one training step of all episodes (`bench.jax_engine`).
+  """XLA's FLOPs of one training step of all episodes (as jax_engine's).
 
-  The inputs are those `bench.jax_engine` builds, as shapes: the episodes'
+  The inputs are those `bench_sweep.jax_engine` builds, as shapes: the episodes'
   support rows, labels, groups and description embeddings, the feature
   cache of `pool` rows (float32 features, uint8 masks, as `features.build`
   stores them by default), the state from the vmapped initialisation
@@ -224,8 +228,8 @@ def head_step_flops(
   """
   start = time.perf_counter()
   backbone = abstract_backbone(model_name, jnp.float32)
-  layers = bench.tapped_layers(backbone.num_layers)
-  cfg = bench.sweep_model_config(layers, fused_map_loss)
+  layers = bench_backbone.tapped_layers(backbone.num_layers)
+  cfg = sweep_inputs.sweep_model_config(layers, fused_map_loss)
   s, d = 3 * shots, backbone.embed_dim
   n, size = backbone.grid_size**2, backbone.image_size
   shape = jax.ShapeDtypeStruct
@@ -241,9 +245,9 @@ def head_step_flops(
       shape((pool, size, size), jnp.uint8),
   )
   clip_params = backbone.params
-  tx = train.make_optimizer(bench.sweep_train_config(steps))
+  tx = train.make_optimizer(sweep_inputs.sweep_train_config(steps))
 
-  init_all = bench.episodes_init_fn(cfg, backbone, tx)
+  init_all = bench_sweep.episodes_init_fn(cfg, backbone, tx)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), episodes))
   params, opt, frozen = jax.eval_shape(
       init_all, keys, ep_data, cache_arrays, clip_params
@@ -254,7 +258,7 @@ def head_step_flops(
   # (xla_env.head_compiler_options gives none off CPU). The CPU-only YNN
   # reduce fusions it turns on for large programs also change XLA:CPU's
   # count (-0.9 % on the tiny step), so they would not be the same program.
-  step_fn = bench.engine_step_fn(tx, cfg, backbone, episodes)
+  step_fn = bench_sweep.engine_step_fn(tx, cfg, backbone, episodes)
   lowered = step_fn.lower(
       state, ep_data, frozen, cache_arrays, clip_params, key
   )

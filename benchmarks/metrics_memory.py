@@ -95,7 +95,7 @@ def main():
     print(f"  sklearn: {value:.9f} in {seconds:.1f} s", flush=True)
     print(f"|ours - sklearn| pixel AUROC = {abs(rows[0][1] - value):.3e}")
 
-  print(f"\n| metric | value | time (s) | peak above inputs (GiB) |")
+  print("\n| metric | value | time (s) | peak above inputs (GiB) |")
   print("|---|---|---|---|")
   for name, value, seconds, peak in rows:
     print(f"| {name} | {value:.6f} | {seconds:.1f} | {peak / gib:.3f} |")

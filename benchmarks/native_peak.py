@@ -1,7 +1,7 @@
 """The CPU's f32 FMA peak and clock, from a register-bound C kernel.
 
-XLA's own FMA loop (bench.fma_peak) is a lower bound whose quality depends
-on how LLVM allocates its registers: on the AMD development machine it
+XLA's own FMA loop (bench_machine.fma_peak) is a lower bound whose quality
+depends on how LLVM allocates its registers: on the AMD development machine it
 reached the matmul rate, on an Intel Sapphire Rapids VM it reached 157
 GFLOP/s while compiled PyTorch ran the ViT at 293 (over "100 %" of that
 peak). So the peak comes from `fma_peak.c`, built here with the host's C

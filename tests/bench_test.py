@@ -32,8 +32,9 @@ def test_time_interleaved_runs_each_contender_as_asked(bench):
 
     return fn
 
-  out = bench.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3,
-                               warmup=2)  # fmt: skip
+  timing = bench_helpers.sibling("bench_timing")
+  out = timing.time_interleaved({"a": make("a"), "b": make("b")}, repeats=3,
+                                warmup=2)  # fmt: skip
   assert calls == {"a": 5, "b": 5}
   for stats in out.values():
     assert stats["repeats"] == 3
@@ -42,7 +43,7 @@ def test_time_interleaved_runs_each_contender_as_asked(bench):
 
 
 def test_summarize_median_and_spread(bench):
-  stats = bench.summarize([3.0, 1.0, 2.0])
+  stats = bench_helpers.sibling("bench_timing").summarize([3.0, 1.0, 2.0])
   assert stats["median_s"] == 2.0
   assert stats["spread"] == pytest.approx(1.0)
 
@@ -50,7 +51,7 @@ def test_summarize_median_and_spread(bench):
 def test_fma_loop_computes_the_counted_chains(bench):
   # The loop's value must equal the same multiply-adds done in float32 by
   # numpy, so the FLOP count it reports is work that actually happens.
-  fn, flops = bench._fma_loop(rows=2, chains=3, unroll=4, iters=5)
+  fn, flops = bench.bench_machine._fma_loop(rows=2, chains=3, unroll=4, iters=5)
   assert flops == 2 * 2 * 16 * 3 * 4 * 5
   x0 = np.linspace(0, 1, 32, dtype=np.float32).reshape(2, 16)
   x = x0.copy()
@@ -67,13 +68,15 @@ def test_fma_loop_computes_the_counted_chains(bench):
 def test_theoretical_peak_formula(bench):
   info = {"cores": 2, "cpu_mhz": 2500.0, "avx512f": True, "vendor": "Intel",
           "cpu_family": 6}  # fmt: skip
-  peak = bench.theoretical_peak(info)
+  peak = bench.bench_machine.theoretical_peak(info)
   assert peak["formula_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 2.5)
   assert peak["microarch_gflops"] == peak["formula_gflops"]
-  zen4 = bench.theoretical_peak({**info, "vendor": "AMD", "cpu_family": 25})
+  zen4 = bench.bench_machine.theoretical_peak(
+      {**info, "vendor": "AMD", "cpu_family": 25}
+  )
   assert zen4["microarch_gflops"] == pytest.approx(peak["formula_gflops"] / 2)
   # A measured clock replaces the (base) clock /proc/cpuinfo shows.
-  boosted = bench.theoretical_peak(info, measured_clock_ghz=3.5)
+  boosted = bench.bench_machine.theoretical_peak(info, measured_clock_ghz=3.5)
   assert boosted["clock_source"] == "measured"
   assert boosted["formula_gflops"] == pytest.approx(2 * 2 * 16 * 2 * 3.5)
 
@@ -86,16 +89,16 @@ def test_targets_only_apply_where_they_were_set(bench):
       "metrics": {"time_ratio": 3.0, "memory_ratio": 0.5},
   }
   rows = {r["target"].split(":")[1].split()[0]: r["met"]
-          for r in bench.check_targets(results)}  # fmt: skip
+          for r in bench.bench_targets.check(results)}  # fmt: skip
   assert rows == {"metrics.time_ratio": False, "metrics.memory_ratio": True}
   results["backbone"]["model"] = "ViT-B/16"
   rows = {r["target"].split(":")[1].split()[0]: r["met"]
-          for r in bench.check_targets(results)}  # fmt: skip
+          for r in bench.bench_targets.check(results)}  # fmt: skip
   assert rows["backbone.speedup"] and not rows["backbone.mfu"]
   # A run with MKL's vendor check bypassed is not against stock PyTorch.
   results["machine"]["mkl_unlocked"] = True
   rows = {r["target"].split(":")[1].split()[0]: r["met"]
-          for r in bench.check_targets(results)}  # fmt: skip
+          for r in bench.bench_targets.check(results)}  # fmt: skip
   assert "backbone.speedup" not in rows and not rows["backbone.mfu"]
 
 
@@ -220,9 +223,9 @@ def test_torch_precision_switch_sets_both_ops_and_restores(bench):
   flags = lambda: (torch.backends.cuda.matmul.allow_tf32,
                    torch.backends.cudnn.allow_tf32)  # fmt: skip
   before = flags()
-  with bench.torch_matmul_precision(tf32=True):
+  with bench.bench_backbone.torch_matmul_precision(tf32=True):
     assert flags() == (True, True)
-    with bench.torch_matmul_precision(tf32=False):
+    with bench.bench_backbone.torch_matmul_precision(tf32=False):
       assert flags() == (False, False)
     assert flags() == (True, True)
   assert flags() == before
@@ -236,7 +239,7 @@ def test_spec_sheet_floors_and_shares(bench):
       "jax_ms_per_image_fast_f32": 2.0,
       "jax_ms_per_image_bf16": 1.0,
   }
-  gpu = bench.spec_shares(bb, spec, "gpu")
+  gpu = bench.bench_backbone.spec_shares(bb, spec, "gpu")
   # 4e11 FLOP at 67 TFLOP/s (fp32), 494.5 (tf32), 989.5 (bf16).
   assert gpu["floor_ms_per_image"] == pytest.approx(4e11 / 67e12 * 1e3)
   assert gpu["mfu_spec"] == pytest.approx(4e11 / 67e12 / 20e-3)
@@ -244,7 +247,7 @@ def test_spec_sheet_floors_and_shares(bench):
   assert gpu["mfu_spec_fast_f32"] == pytest.approx(4e11 / 494.5e12 / 2e-3)
   assert gpu["mfu_spec_bf16"] == pytest.approx(4e11 / 989.5e12 / 1e-3)
   # A TPU has no f32 peak; its default precision runs one bf16 pass.
-  tpu = bench.spec_shares(
+  tpu = bench.bench_backbone.spec_shares(
       bb, bench.accelerator_peaks.spec_peak("TPU v5 lite"), "tpu"
   )
   assert "mfu_spec" not in tpu and tpu["peak_of_fast_f32"] == "bf16"
@@ -252,7 +255,7 @@ def test_spec_sheet_floors_and_shares(bench):
 
   sweep = {"steps": 10, "4": {"step_flops": 1e12, "train_s": 1.0},
            "model": "tiny"}  # fmt: skip
-  bench.add_sweep_floors(sweep, spec, "tensorfloat32")
+  bench.bench_sweep.add_floors(sweep, spec, "tensorfloat32")
   assert sweep["4"]["floor_train_s"] == pytest.approx(10 * 1e12 / 494.5e12)
   assert sweep["4"]["train_share_of_floor"] == pytest.approx(
       sweep["4"]["floor_train_s"]
@@ -262,27 +265,29 @@ def test_spec_sheet_floors_and_shares(bench):
 def test_mvfa_peer_head_trains(bench):
   # The lighter head stays available (--peer_head mvfa): one uncompiled
   # episode on the tiny CLIP, its phases accounted in the split.
-  backbone = bench.make_backbone("tiny")
-  layers = bench.tapped_layers(backbone.num_layers)
-  images, masks, labels = bench.synthetic_pool(6, backbone.image_size)
-  peer = bench.TorchPeer(backbone, layers, images, masks, labels,
-                         head="mvfa", compile_backbone=False,
-                         compile_head=False, threads=1)  # fmt: skip
-  loss = peer.episode(bench.draw_supports(labels, 1, 1)[0], 2, seed=0)
+  inputs = bench_helpers.sibling("sweep_inputs")
+  peer_cls = bench.peer_loop.TorchPeer
+  backbone = bench.bench_backbone.make_backbone("tiny")
+  layers = bench.bench_backbone.tapped_layers(backbone.num_layers)
+  images, masks, labels = inputs.synthetic_pool(6, backbone.image_size)
+  peer = peer_cls(backbone, layers, images, masks, labels, head="mvfa",
+                  compile_backbone=False, compile_head=False,
+                  threads=1)  # fmt: skip
+  loss = peer.episode(inputs.draw_supports(labels, 1, 1)[0], 2, seed=0)
   assert math.isfinite(loss) and loss > 0
   assert peer.split["steps"] == 2
   assert peer.split["backbone_s"] > 0 and peer.split["head_s"] > 0
   with pytest.raises(ValueError, match="peer head"):
-    bench.TorchPeer(backbone, layers, images, masks, head="other",
-                    compile_backbone=False)  # fmt: skip
+    peer_cls(backbone, layers, images, masks, head="other",
+             compile_backbone=False)  # fmt: skip
   with pytest.raises(ValueError, match="cfg and labels"):
-    bench.TorchPeer(backbone, layers, images, masks, head="ultraad",
-                    compile_backbone=False)  # fmt: skip
+    peer_cls(backbone, layers, images, masks, head="ultraad",
+             compile_backbone=False)  # fmt: skip
 
 
 def test_peer_learning_rates_follow_the_engine_schedule(bench):
-  tc = bench.sweep_train_config(20)
-  rates = bench.learning_rates(tc)
+  tc = bench_helpers.sibling("sweep_inputs").sweep_train_config(20)
+  rates = bench_helpers.sibling("sweep_inputs").learning_rates(tc)
   assert rates.shape == (20,)
   # Warm-up from 0 to the peak, then cosine decay towards 0.
   assert rates[0] == 0.0
@@ -343,7 +348,7 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
   ]  # fmt: skip
   with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
-  summary = bench.trace_summary(str(tmp_path))
+  summary = bench.trace_summary.summarize(str(tmp_path))
   assert summary["steps"] == 2
   assert summary["total_ms_per_step"] == pytest.approx(2.0)
   by_function = {r["function"]: r["ms_per_step"]
@@ -354,7 +359,7 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
       {"fusion.py:_cross_attention": 1.5, "train.py:train_step": 0.5}
   )
   with pytest.raises(FileNotFoundError, match="profile_steps"):
-    bench.trace_summary(str(tmp_path / "missing"))
+    bench.trace_summary.summarize(str(tmp_path / "missing"))
 
 
 def test_figure_draws_what_was_measured(tmp_path):

@@ -2,9 +2,9 @@
 
 What is checked: the spec-sheet table picks the right entry for a device
 kind; the counts made from shapes alone equal XLA's counts of the same
-programs built from real arrays (the backbone as `bench.bench_backbone`
-compiles it, the training step as `bench.jax_engine` compiles it); the step's
-count grows linearly with the episodes; and the command line writes the
+programs built from real arrays (the backbone as `bench_backbone.measure`
+compiles it, the training step as `bench_sweep.jax_engine` compiles it); the
+step's count grows linearly with the episodes; and the command line writes the
 documented JSON, with floors equal to FLOPs over the peak.
 """
 
@@ -82,8 +82,8 @@ def test_backbone_count_equals_the_real_backbones(ff):
   batch = 2
   got = ff.backbone_flops("tiny", batch, jnp.float32)
   # The real (allocated) tiny backbone, compiled as bench_backbone does.
-  backbone = ff.bench.make_backbone("tiny")
-  layers = ff.bench.tapped_layers(backbone.num_layers)
+  backbone = ff.bench_backbone.make_backbone("tiny")
+  layers = ff.bench_backbone.tapped_layers(backbone.num_layers)
   size = backbone.image_size
   pixels = jnp.zeros((batch, size, size, 3), jnp.float32)
   compiled = (
@@ -91,13 +91,13 @@ def test_backbone_count_equals_the_real_backbones(ff):
       .lower(backbone.params, pixels, layers)
       .compile()
   )
-  real = ff.bench._cost(compiled)["flops"]  # pylint: disable=protected-access
+  real = ff.bench_timing.xla_cost(compiled)["flops"]
   assert got["flops"] == real
   assert got["flops_per_image"] == real / batch
   assert got["layers"] == list(layers)
   assert got["while_loops"] == 0
   # The hand count leaves norms, softmax and activations out: a few % less.
-  analytic = ff.bench.analytic_vit_flops(backbone, len(layers))
+  analytic = ff.bench_backbone.analytic_vit_flops(backbone, len(layers))
   assert got["analytic_flops_per_image"] == analytic
   assert got["flops_per_image"] == pytest.approx(analytic, rel=0.06)
   # The count of the unoptimised program exists but is not exact (XLA's
@@ -107,21 +107,24 @@ def test_backbone_count_equals_the_real_backbones(ff):
 
 
 def test_step_count_equals_the_engines(ff, step_count):
-  bench = ff.bench
   from ultraad_jax import features  # pylint: disable=g-import-not-at-top
 
-  backbone = bench.make_backbone("tiny")
-  layers = bench.tapped_layers(backbone.num_layers)
-  images, masks, labels = bench.synthetic_pool(POOL, backbone.image_size)
+  backbone = ff.bench_backbone.make_backbone("tiny")
+  layers = ff.bench_backbone.tapped_layers(backbone.num_layers)
+  images, masks, labels = ff.sweep_inputs.synthetic_pool(
+      POOL, backbone.image_size
+  )
   cache = features.build(
       backbone, backbone.params, images, masks, None, np.zeros(POOL, bool),
       layers=layers, num_views=1, batch_size=POOL,
   )  # fmt: skip
-  supports = bench.draw_supports(labels, EPISODES, SHOTS)
+  supports = ff.sweep_inputs.draw_supports(labels, EPISODES, SHOTS)
   # The same config as the count: fused map losses off (at these sizes
   # "auto" would be off on CPU too).
-  cfg = ff.bench.sweep_model_config(layers, "off")
-  row = bench.jax_engine(backbone, cfg, cache, supports, labels, steps=1)
+  cfg = ff.sweep_inputs.sweep_model_config(layers, "off")
+  row = ff.bench_sweep.jax_engine(
+      backbone, cfg, cache, supports, labels, steps=1
+  )
   # All episodes in one vmap, so the engine did not scale a loop's count.
   assert row["episode_chunk"] == EPISODES
   assert step_count["flops"] == row["step_flops"]

@@ -35,7 +35,7 @@ def env():
   cfg = model.ModelConfig.from_dict(
       common.model_config(layers=LAYERS).to_dict()
   )
-  pt_model = bench.torch_clip(backbone)
+  pt_model = bench.bench_backbone.torch_clip(backbone)
   tower = pu.TextTower(pt_model)
   grad_fn = jax.jit(
       jax.value_and_grad(
@@ -180,12 +180,14 @@ def test_interpolate_matches_jax_bilinear_upsampling(grid, size):
 
 def test_peer_backbone_forward_matches_the_feature_cache(env):
   bench, backbone = env["bench"], env["backbone"]
-  images, masks, _ = bench.synthetic_pool(3, backbone.image_size, seed=4)
+  images, masks, _ = bench_helpers.sibling("sweep_inputs").synthetic_pool(
+      3, backbone.image_size, seed=4
+  )
   cache = features.build(
       backbone, backbone.params, images, masks, None, np.zeros(3, bool),
       layers=LAYERS, num_views=1, batch_size=3,
   )  # fmt: skip
-  encoder = bench.torch_image_encoder(env["pt_model"], LAYERS)
+  encoder = bench.bench_backbone.torch_image_encoder(env["pt_model"], LAYERS)
   pixels = np.ascontiguousarray(clip.normalize(images).transpose(0, 3, 1, 2))
   with torch.no_grad():
     g, tokens, _ = encoder(torch.as_tensor(pixels))
