@@ -247,7 +247,7 @@ def head_step_flops(
   clip_params = backbone.params
   tx = train.make_optimizer(sweep_inputs.sweep_train_config(steps))
 
-  init_all = bench_sweep.episodes_init_fn(cfg, backbone, tx)
+  init_all = train.make_init(cfg, backbone, tx)
   keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), episodes))
   params, opt, frozen = jax.eval_shape(
       init_all, keys, ep_data, cache_arrays, clip_params
