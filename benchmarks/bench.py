@@ -424,6 +424,11 @@ def _print_summary(results):
             f"{' (extrapolated)' if row['torch_extrapolated'] else ''}"
             f", speedup x{row['speedup']:.1f}"
         )
+        if "speedup_with_cache" in row:
+          line += (
+              f" (x{row['speedup_with_cache']:.1f} with the cache's build, "
+              f"{sweep['cache_s']:.2f} s)"
+          )
       if "floor_train_s" in row:
         line += (
             f"; {row['train_share_of_floor']:.1%} of the {row['floor_peak']}"

@@ -200,6 +200,14 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
               "torch_backbone_ms_per_step", "torch_head_ms_per_step",
               "torch_init_s_per_episode"):  # fmt: skip
     assert math.isfinite(row[key]) and row[key] > 0, key
+  # The cache's build, timed compiled, is charged to the engine on request.
+  assert 0 < sweep["cache_s"] <= sweep["feature_extraction_s"]
+  assert row["jax_s_with_cache"] == pytest.approx(
+      row["jax_s"] + sweep["cache_s"]
+  )
+  assert row["speedup_with_cache"] == pytest.approx(
+      row["torch_s"] / row["jax_s_with_cache"]
+  )
   assert row["torch_extrapolated"] and row["torch_episodes_run"] == 1
   # The engine's own choice of episodes at once (train.episode_chunk).
   assert row["episode_chunk"] >= 1 and 2 % row["episode_chunk"] == 0
