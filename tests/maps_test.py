@@ -81,6 +81,44 @@ def test_gaussian_smoothing_keeps_range_and_constants():
   assert s.argmax() == 10 * 21 + 10
 
 
+def test_gaussian_smoothing_equals_normalised_zero_padded_convolutions():
+  # Reference: two zero-padded 1-D correlations with the same kernel
+  # (scipy), divided by the same smoothing of a map of ones.
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(7)
+  for shape, sigma in (((3, 40, 56), 4.0), ((2, 17, 9), 1.5), ((1, 5, 5), 2.0)):
+    m = rng.uniform(size=shape).astype(np.float32)
+    k = maps.gaussian_kernel(sigma).astype(np.float64)
+
+    def smooth(x, k=k):
+      x = ndimage.correlate1d(x, k, axis=1, mode="constant")
+      return ndimage.correlate1d(x, k, axis=2, mode="constant")
+
+    want = smooth(m.astype(np.float64)) / smooth(np.ones(shape))
+    got = maps.gaussian_smooth(jnp.asarray(m), sigma)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothing_matrix_rows_are_convex_weights():
+  a = maps.smoothing_matrix(30, 3.0)
+  np.testing.assert_allclose(a.sum(axis=1), 1.0, rtol=1e-6)
+  assert (a >= 0).all()
+  radius = len(maps.gaussian_kernel(3.0)) // 2
+  assert a[0, radius] > 0 and a[0, radius + 1] == 0  # banded
+
+
+def test_combine_layers_max_and_mean_against_numpy():
+  rng = np.random.default_rng(5)
+  m = rng.uniform(size=(5, 2, 6, 7)).astype(np.float32)
+  np.testing.assert_allclose(
+      maps.combine_layers(jnp.asarray(m), "mean"), m.mean(0), rtol=1e-6
+  )
+  np.testing.assert_array_equal(
+      maps.combine_layers(jnp.asarray(m), "max"), m.max(0)
+  )
+
+
 def test_image_score_max_and_topk():
   m = jnp.zeros((2, 10, 10)).at[0, 3, 3].set(1.0).at[1].set(0.5)
   np.testing.assert_allclose(maps.image_score(m, "max"), [1.0, 0.5])
