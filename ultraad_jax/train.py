@@ -949,6 +949,8 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
               if config.dump_hlo and start == 0
               else None
           ),
+          what=f"{method}, episodes {start + 1}-"
+          f"{min(start + chunk, num_episodes)} of {num_episodes}",
       )
       per_method[method].extend(
           evaluation.episode_metrics(
@@ -961,7 +963,12 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
       )
       if start == 0:
         examples[method] = {k: v[0] for k, v in preds.items()}
-    logging.info("Evaluated %s on %d episodes.", method, num_episodes)
+    logging.info(
+        "Evaluated %s on %d episodes (%.1f s since the evaluation began).",
+        method,
+        num_episodes,
+        time.time() - t0,
+    )
   timing["eval_s"] = time.time() - t0
 
   # ---- Reports ------------------------------------------------------------
@@ -1283,6 +1290,7 @@ def _predict_all(
     clip_params,
     batch_size,
     hlo_path=None,
+    what="",
 ):
   """Predictions of some episodes on every test image, on the host.
 
@@ -1297,6 +1305,7 @@ def _predict_all(
     clip_params: frozen backbone parameters.
     batch_size: query images per call.
     hlo_path: if set, the compiled program's HLO text is written there.
+    what: names the method and episodes in the progress lines.
 
   Returns:
     dict of numpy arrays: maps [E, N, H, W], image_score [E, N], class_probs
@@ -1305,7 +1314,9 @@ def _predict_all(
   params, frozen, ep_data = episode_args
   rows = test_cache.rows[:, 0]
   outs = []
-  for b in range(math.ceil(len(rows) / batch_size)):
+  num_batches = math.ceil(len(rows) / batch_size)
+  start = time.time()
+  for b in range(num_batches):
     idx = rows[b * batch_size : (b + 1) * batch_size]
     valid = len(idx)
     idx = np.pad(idx, (0, batch_size - valid))
@@ -1323,6 +1334,17 @@ def _predict_all(
       _write(hlo_path, predict.lower(*args).compile().as_text())
     out = to_host(predict(*args))
     outs.append(jax.tree.map(lambda x: x[:, :valid], out))
+    # Progress on long evaluations only (five lines a chunk).
+    if num_batches >= 10 and (b + 1) % (num_batches // 5) == 0:
+      elapsed = time.time() - start
+      logging.info(
+          "Predict %s: %d/%d query batches, %.1f s, ETA %s.",
+          what,
+          b + 1,
+          num_batches,
+          elapsed,
+          _fmt_eta(elapsed / (b + 1) * (num_batches - b - 1)),
+      )
   merged = {}
   for field in model.Predictions._fields:
     vals = [getattr(o, field) for o in outs]
