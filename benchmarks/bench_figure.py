@@ -65,8 +65,9 @@ def sweep_points(results):
     results: bench.py's JSON dict.
 
   Returns:
-    A list of dicts: episodes, jax_s_per_episode, and where the peer ran,
-    torch_s_per_episode, speedup and extrapolated.
+    A list of dicts: episodes, jax_s_per_episode (and, where measured,
+    jax_with_cache_s_per_episode: the feature cache's build charged too),
+    and where the peer ran, torch_s_per_episode, speedup and extrapolated.
   """
   points = []
   for key, row in results.get("sweep", {}).items():
@@ -74,6 +75,8 @@ def sweep_points(results):
       continue
     e = int(key)
     point = {"episodes": e, "jax_s_per_episode": row["jax_s"] / e}
+    if "jax_s_with_cache" in row:
+      point["jax_with_cache_s_per_episode"] = row["jax_s_with_cache"] / e
     if "torch_s" in row:
       point.update(
           torch_s_per_episode=row["torch_s"] / e,
@@ -153,6 +156,12 @@ def draw(results, path):
     es = [p["episodes"] for p in points]
     ax_sw.plot(es, [p["jax_s_per_episode"] for p in points], "o-",
                color="tab:blue", label="engine (feature cache, vmapped)")  # fmt: skip
+    cached = [p for p in points if "jax_with_cache_s_per_episode" in p]
+    if cached:
+      ax_sw.plot([p["episodes"] for p in cached],
+                 [p["jax_with_cache_s_per_episode"] for p in cached], "s--",
+                 color="tab:blue",
+                 label="engine, the cache's build included")  # fmt: skip
     peer = [p for p in points if "torch_s_per_episode" in p]
     if peer:
       ax_sw.plot([p["episodes"] for p in peer],

@@ -386,7 +386,7 @@ def test_figure_draws_what_was_measured(tmp_path):
           "1": {"jax_s": 0.05, "torch_s": 0.12, "speedup": 2.4,
                 "torch_extrapolated": False},
           "64": {"jax_s": 1.6, "torch_s": 8.0, "speedup": 5.0,
-                 "torch_extrapolated": True},
+                 "torch_extrapolated": True, "jax_s_with_cache": 1.92},
       },
   }  # fmt: skip
   assert bench_figure.backbone_bars(results) == [
@@ -397,6 +397,8 @@ def test_figure_draws_what_was_measured(tmp_path):
   points = bench_figure.sweep_points(results)
   assert [p["episodes"] for p in points] == [1, 64]
   assert points[1]["jax_s_per_episode"] == pytest.approx(1.6 / 64)
+  assert points[1]["jax_with_cache_s_per_episode"] == pytest.approx(0.03)
+  assert "jax_with_cache_s_per_episode" not in points[0]
   assert points[1]["torch_s_per_episode"] == pytest.approx(8.0 / 64)
   assert points[1]["extrapolated"] and not points[0]["extrapolated"]
   path = tmp_path / "sub" / "fig.png"
