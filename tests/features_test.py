@@ -10,7 +10,9 @@ backbone pass or of the episodes' initialisation, and the backbone pass
 traced once across calls.
 """
 
+import gc
 import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +146,13 @@ def test_episode_init_takes_the_cache_as_an_argument(backbone, pool):
       frozen, one,
   )  # fmt: skip
   assert jax.tree.leaves(params)[0].shape[0] == num_episodes
+
+
+def test_built_caches_keep_no_backbone_alive(pool):
+  # jit holds its static arguments: a Backbone there would keep its weights.
+  backbone = clip.tiny(image_size=32, seed=1)
+  alive = weakref.ref(backbone)
+  _build(backbone, pool)
+  del backbone
+  gc.collect()
+  assert alive() is None

@@ -17,6 +17,7 @@ import functools
 import math
 import time
 from typing import Callable
+import weakref
 
 from absl import logging
 import jax
@@ -78,6 +79,25 @@ def format_bytes(num_bytes):
   return f"{num_bytes / 2**20:.2f} MiB"
 
 
+# Each backbone's parameter-free twin (below), for as long as it lives.
+_TWINS = weakref.WeakKeyDictionary()
+
+
+def _without_params(backbone):
+  """The backbone minus its parameters, as a static argument of `encode`.
+
+  jit keeps static arguments alive in its cache: the Backbone itself there
+  would keep its weights in memory after the caller let go of them. The
+  twin holds only the configuration, and one twin per backbone keeps
+  `encode` compiled once per backbone.
+  """
+  twin = _TWINS.get(backbone)
+  if twin is None:
+    twin = dataclasses.replace(backbone, params=None)
+    _TWINS[backbone] = twin
+  return twin
+
+
 @functools.partial(jax.jit, static_argnames=("backbone", "layers", "store"))
 def encode(params, images, *, backbone, layers, store):
   """One backbone pass: uint8 images -> (global [B, D], tokens [L, B, N, D]).
@@ -90,7 +110,8 @@ def encode(params, images, *, backbone, layers, store):
   Args:
     params: the backbone's frozen parameters.
     images: [B, S, S, 3] uint8 images at the backbone size.
-    backbone: the clip.Backbone (static: identity-hashed).
+    backbone: the clip.Backbone (static: identity-hashed; its params are
+      not read, `build` passes a twin without them).
     layers: tapped block indices (a tuple).
     store: the dtype the features are returned in.
 
@@ -182,6 +203,7 @@ def build(
 
   store = jnp.dtype(dtype)
   layers = tuple(layers)
+  static_backbone = _without_params(backbone)
   g_out, p_out = [], []
   num_batches = math.ceil(num_rows / batch_size)
   start = time.time()
@@ -191,7 +213,9 @@ def build(
     if valid < batch_size:  # pad: one compiled shape for every batch
       pad = np.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)
       chunk = np.concatenate([chunk, pad])
-    g, p = encode(params, chunk, backbone=backbone, layers=layers, store=store)
+    g, p = encode(
+        params, chunk, backbone=static_backbone, layers=layers, store=store
+    )
     g_out.append(np.asarray(g)[:valid])
     p_out.append(np.asarray(p)[:, :valid])
     if b == 0 or (b + 1) % max(1, num_batches // 10) == 0:
