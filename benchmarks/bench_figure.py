@@ -155,7 +155,8 @@ def draw(results, path):
   if points:
     es = [p["episodes"] for p in points]
     ax_sw.plot(es, [p["jax_s_per_episode"] for p in points], "o-",
-               color="tab:blue", label="engine (feature cache, vmapped)")  # fmt: skip
+               color="tab:blue",
+               label="engine (feature cache, vmapped)")  # fmt: skip
     cached = [p for p in points if "jax_with_cache_s_per_episode" in p]
     if cached:
       ax_sw.plot([p["episodes"] for p in cached],

@@ -8,12 +8,17 @@ to the runs it was set for.
 import math
 
 
+def _compiled_peer(r):
+  # --no-torch_compile runs (smoke tests) are not the fair peer.
+  return r["settings"].get("torch_compile", True)
+
+
 def _dev_backbone(r):
   bb = r.get("backbone", {})
   return (
       bb.get("model") == "ViT-B/16"
       and r["machine"]["jax_backend"] == "cpu"
-      and r["settings"].get("torch_compile", True)
+      and _compiled_peer(r)
   )
 
 
@@ -31,11 +36,11 @@ TARGETS = (
      _dev_backbone),
     ("sweep.64.speedup", ">=", 20.0,
      "64-episode sweep speedup over the peer loop",
-     lambda r: r["settings"].get("torch_compile", True)),
+     _compiled_peer),
     ("sweep.64.speedup_with_cache", ">=", 20.0,
      "the same, the engine's feature cache build (its backbone pass over "
      "the pool) included",
-     lambda r: r["settings"].get("torch_compile", True)),
+     _compiled_peer),
     ("metrics.time_ratio", "<=", 2.0,
      "pixel AUROC time / scikit-learn's", lambda r: True),
     ("metrics.memory_ratio", "<", 1.0,

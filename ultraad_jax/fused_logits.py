@@ -58,14 +58,15 @@ def _products(x, shared, per_image):
 
   While the per-image columns are few, they ride along in the shared
   product: every image's rows are multiplied by every image's columns and
-  each image's own columns gathered from the result. That wastes B - 1 of B column blocks but reads
-  x once; the separate per-image projection (`fusion.project`) reads it
-  once per column. At ViT-B/16 (B = 12 support images, C = 6 columns, 257
-  shared) the one-episode train step took 0.22 instead of 0.72 s (XLA:CPU
-  ran those projections' reductions far below memory speed at that size);
-  at 8 episodes both took 0.83 s. Beyond as many per-image columns as
-  shared ones the projection is used: at the tiny config (33 shared, 72
-  per-image columns) riding along made the 64-episode step 1.34x slower.
+  each image's own columns gathered from the result. That wastes B - 1 of
+  B column blocks but reads x once; the separate per-image projection
+  (`fusion.project`) reads it once per column. At ViT-B/16 (B = 12 support
+  images, C = 6 columns, 257 shared) the one-episode train step took 0.22
+  instead of 0.72 s (XLA:CPU ran those projections' reductions far below
+  memory speed at that size); at 8 episodes both took 0.83 s. Beyond as
+  many per-image columns as shared ones the projection is used: at the tiny
+  config (33 shared, 72 per-image columns) riding along made the 64-episode
+  step 1.34x slower.
 
   Args:
     x: [B, N, K] rows of B images.

@@ -1049,8 +1049,8 @@ def _frozen_passes(config, backbone, clip_params, cfg, split, test, episodes,
                   num_views=num_views)  # fmt: skip
     test_cache = cache
     if test is not split:  # cross-dataset: the queries have their own cache
-      test_cache = build(test.images, test.masks, None,
-                         np.zeros(len(test.labels), bool), num_views=1)  # fmt: skip
+      no_views = np.zeros(len(test.labels), bool)
+      test_cache = build(test.images, test.masks, None, no_views, num_views=1)
     cache_arrays = (
         cache.global_embed,
         cache.patch_tokens,
