@@ -68,8 +68,12 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
 
   Returns:
     A dict: init and step compile seconds, `init_s` and `train_s` (timed,
-    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step, the
-    last step's loss (mean over episodes, and episode 0's). With
+    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step and
+    the bytes of its temporaries (`step_temp_bytes`), the process's user and
+    system CPU seconds and minor page faults per timed step
+    (`train_user_s_per_step`, `train_system_s_per_step`,
+    `train_minor_faults_per_step`; Unix only), the last step's loss (mean
+    over episodes, and episode 0's). With
     return_init, (that dict, the initial parameters as a host pytree of
     numpy arrays stacked over episodes), copied after the timed
     initialisation and before the timed steps.
@@ -131,6 +135,7 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   out["step_flops"] = float(
       bench_timing.xla_cost(step_c).get("flops", float("nan"))
   ) * (num_episodes // chunk)
+  out["step_temp_bytes"] = bench_timing.xla_temp_bytes(step_c)
   # One untimed step on a copy of the state: the first execution of a
   # program pays one-off costs (allocator growth, thread-pool start-up), as
   # the peer's untimed warm-up episode does on its side.
@@ -139,12 +144,20 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
       step_c(warm, ep_data, frozen, cache_arrays, clip_params, key)
   )
   del warm
+  usage = bench_timing.process_usage()
   start = time.perf_counter()
   for _ in range(steps):
     state, step_metrics = step_c(state, ep_data, frozen, cache_arrays,
                                  clip_params, key)  # fmt: skip
   jax.block_until_ready((state, step_metrics))
   out["train_s"] = time.perf_counter() - start
+  # Where the cores' time went: system time here is mostly the kernel
+  # zeroing the fresh pages of each call's temporaries.
+  per_step = bench_timing.usage_per_call(
+      usage, bench_timing.process_usage(), steps
+  )
+  for k, v in per_step.items():
+    out["train_" + k.replace("_per_call", "_per_step")] = v
   out["jax_s"] = out["init_s"] + out["train_s"]
   final = np.asarray(jax.device_get(step_metrics["loss"]))
   out["final_loss"] = float(np.mean(final))
@@ -328,9 +341,22 @@ def measure(
         f"  sweep E={num}: jax {row['jax_s']:.2f} s"
         + (f", torch {row['torch_s']:.2f} s, x{row['speedup']:.1f}"
            if peer is not None else "")
+        + _usage_note(row)
     )  # fmt: skip
     print(logging_line, flush=True)
   return out
+
+
+def _usage_note(row):
+  """The engine step's temporaries and system-time share, for the log line."""
+  note = ""
+  if row.get("step_temp_bytes"):
+    note += f"; step temporaries {row['step_temp_bytes'] / 1e9:.2f} GB"
+  user, system = (row.get("train_user_s_per_step"),
+                  row.get("train_system_s_per_step"))  # fmt: skip
+  if user is not None and user + system > 0:
+    note += f", system time {100 * system / (user + system):.0f}% of its CPU"
+  return note
 
 
 def add_floors(sweep, spec, precision):

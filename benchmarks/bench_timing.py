@@ -8,6 +8,11 @@ of them alike), warm-up excluded, and reported as a median with its spread.
 import statistics
 import time
 
+try:
+  import resource  # Unix only.
+except ImportError:  # pragma: no cover
+  resource = None
+
 
 def summarize(times):
   """Median and spread of repeated timings (seconds).
@@ -76,3 +81,60 @@ def xla_cost(compiled):
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return dict(cost or {})
+
+
+def xla_temp_bytes(compiled):
+  """Bytes of temporaries XLA allocates on every call of a compiled program.
+
+  On CPU the runtime allocates them afresh at each call, and glibc serves
+  a block that large with new pages, which the kernel zeroes as the program
+  first touches them (docs/PERFORMANCE.md, round 8).
+
+  Args:
+    compiled: a `jax.stages.Compiled`.
+
+  Returns:
+    The size in bytes, or None where the backend gives no memory analysis.
+  """
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  size = getattr(stats, "temp_size_in_bytes", None)
+  return None if size is None else int(size)
+
+
+def process_usage():
+  """This process's CPU seconds (user, system) and minor page faults so far.
+
+  Returns:
+    {"user_s", "system_s", "minor_faults"}, or {} where `resource` is
+    missing (not Unix).
+  """
+  if resource is None:
+    return {}
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return {
+      "user_s": usage.ru_utime,
+      "system_s": usage.ru_stime,
+      "minor_faults": usage.ru_minflt,
+  }
+
+
+def usage_per_call(before, after, calls):
+  """What `process_usage` counted between two snapshots, per call.
+
+  Args:
+    before: `process_usage()` before the calls.
+    after: `process_usage()` after them.
+    calls: how many calls ran in between (> 0).
+
+  Returns:
+    {"user_s_per_call", "system_s_per_call", "minor_faults_per_call"}, or {}
+    when either snapshot is empty.
+  """
+  if not before or not after or calls <= 0:
+    return {}
+  return {
+      f"{k}_per_call": (after[k] - before[k]) / calls for k in sorted(before)
+  }

@@ -48,6 +48,44 @@ def test_summarize_median_and_spread(bench):
   assert stats["spread"] == pytest.approx(1.0)
 
 
+def test_xla_temp_bytes_counts_an_intermediate(bench):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  timing = bench_helpers.sibling("bench_timing")
+  x = jnp.ones((256, 256), jnp.float32)
+  # x @ x must exist whole before the second product: 256 KiB of
+  # temporaries at least.
+  compiled = jax.jit(lambda a: jnp.sum((a @ a) @ a.T)).lower(x).compile()
+  assert timing.xla_temp_bytes(compiled) >= 256 * 256 * 4
+
+  class NoAnalysis:
+
+    def memory_analysis(self):
+      raise NotImplementedError
+
+  assert timing.xla_temp_bytes(NoAnalysis()) is None
+
+
+def test_usage_per_call_divides_the_difference(bench):
+  timing = bench_helpers.sibling("bench_timing")
+  before = {"user_s": 1.0, "system_s": 0.5, "minor_faults": 100}
+  after = {"user_s": 4.0, "system_s": 1.1, "minor_faults": 700}
+  expected = {
+      "user_s_per_call": 1.0,
+      "system_s_per_call": 0.2,
+      "minor_faults_per_call": 200.0,
+  }
+  assert timing.usage_per_call(before, after, 3) == pytest.approx(expected)
+  assert timing.usage_per_call({}, after, 3) == {}
+  if platform.system() == "Linux":
+    first = timing.process_usage()
+    sum(i * i for i in range(200_000))  # some user time
+    second = timing.process_usage()
+    assert second["user_s"] >= first["user_s"]
+    assert second["minor_faults"] >= first["minor_faults"]
+
+
 def test_fma_loop_computes_the_counted_chains(bench):
   # The loop's value must equal the same multiply-adds done in float32 by
   # numpy, so the FLOP count it reports is work that actually happens.
@@ -212,6 +250,12 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
   # The engine's own choice of episodes at once (train.episode_chunk).
   assert row["episode_chunk"] >= 1 and 2 % row["episode_chunk"] == 0
   assert math.isfinite(row["final_loss"])
+  # The step's temporaries, and where the process's CPU time went.
+  assert row["step_temp_bytes"] > 0
+  if platform.system() == "Linux":
+    assert row["train_user_s_per_step"] > 0
+    assert row["train_system_s_per_step"] >= 0
+    assert row["train_minor_faults_per_step"] >= 0
   # Same head, loss, initial parameters and optimiser on both sides: after
   # three steps (one of them at a non-zero learning rate) episode 0's loss
   # agrees (the features differ by float rounding between the backbones).

@@ -7,6 +7,7 @@ The metrics themselves are checked against scikit-learn in metrics_test.py.
 """
 
 import json
+import logging
 import shutil
 
 import jax
@@ -43,6 +44,26 @@ def test_gather_support_reads_each_layer_of_each_row():
     np.testing.assert_array_equal(got.global_embed[e],
                                   cache[0][rows[e]].astype(np.float32))  # fmt: skip
     np.testing.assert_array_equal(got.masks[e], cache[2][rows[e]])
+
+
+def test_step_cost_log_names_flops_bytes_and_temporaries(caplog):
+  x = jax.numpy.ones((128, 128), jax.numpy.float32)
+  compiled = jax.jit(lambda a: (a @ a) @ a).lower(x).compile()
+  with caplog.at_level(logging.INFO):
+    train._log_cost("demo_step", compiled, loops=4)
+  lines = [
+      r.getMessage() for r in caplog.records if "demo_step" in r.getMessage()
+  ]
+  flops = next(l for l in lines if "FLOPs" in l)
+  # Two 128^3 products, 2 FLOPs per multiply-add, scaled by the 4 loops.
+  assert float(flops.split(": ")[1].split(" FLOPs")[0]) == pytest.approx(
+      4 * 2 * 2 * 128**3, rel=0.01
+  )
+  assert "x 4 episode chunks" in flops
+  temp = next(l for l in lines if "temporaries" in l)
+  # a @ a is a temporary of 64 KiB at least (the log keeps 3 digits).
+  logged = float(temp.split(": ")[1].split(" GB")[0])
+  assert logged >= 0.999 * 128 * 128 * 4 / 1e9
 
 
 @pytest.fixture(scope="module")

@@ -1204,10 +1204,13 @@ def _fmt_eta(seconds):
 
 
 def _log_cost(name, compiled, loops=1):
-  """Logs XLA's FLOP and byte counts of a compiled step.
+  """Logs XLA's FLOP and byte counts of a compiled step, and its temporaries.
 
   XLA's cost analysis counts a while loop's body once, so a step that runs
-  its episodes in `loops` chunks (`chunking.map_in_chunks`) is scaled by that count.
+  its episodes in `loops` chunks (`chunking.map_in_chunks`) is scaled by that
+  count. The temporaries are not: one loop iteration's buffers are reused by
+  the next. On CPU they are allocated afresh at every call, and the kernel
+  zeroes their pages as the step first touches them (docs/PERFORMANCE.md).
   """
   try:
     cost = compiled.cost_analysis()
@@ -1222,6 +1225,11 @@ def _log_cost(name, compiled, loops=1):
     )
   except Exception as e:  # pylint: disable=broad-except
     logging.info("%s: cost_analysis unavailable (%s).", name, e)
+  try:
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    logging.info("%s: %.3g GB of temporaries per call.", name, temp / 1e9)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("%s: memory_analysis unavailable (%s).", name, e)
 
 
 def _write(path, text):
