@@ -377,6 +377,7 @@ StackFrames
 ENTRY %main (a: f32[2]) -> f32[2] {
   %a = f32[2]{0} parameter(0)
   %dot.1 = f32[2]{0} multiply(%a, %a), metadata={op_name="mul" stack_frame_id=2}
+  %loop = (f32[2]{0}) while(%t), condition=%c, body=%b, metadata={op_name="while" stack_frame_id=1}
   ROOT %wrapped_neg = f32[2]{0} fusion(%dot.1), kind=kLoop, calls=%wrapped_body
 }
 """
@@ -389,15 +390,24 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
   (tmp_path / "hlo" / "train_step.txt").write_text(_HLO)
   trace_dir = tmp_path / "profile" / "plugins" / "profile" / "2026_01_01"
   trace_dir.mkdir(parents=True)
+  x = lambda name, ts, dur, tid=2: {"ph": "X", "name": name, "ts": ts,
+                                    "dur": dur, "pid": 1, "tid": tid}  # fmt: skip
   events = [
-      {"ph": "X", "name": "train", "dur": 9000, "pid": 1, "tid": 1},
-      {"ph": "X", "name": "train", "dur": 9000, "pid": 1, "tid": 1},
-      {"ph": "X", "name": "dot.1", "dur": 1500, "pid": 1, "tid": 2},
-      {"ph": "X", "name": "dot.1", "dur": 1500, "pid": 1, "tid": 2},
-      {"ph": "X", "name": "wrapped_neg", "dur": 1000, "pid": 1, "tid": 2},
-      {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 8000, "pid": 1,
-       "tid": 3},
-  ]  # fmt: skip
+      x("train", 0, 9000, tid=1),
+      x("train", 10000, 9000, tid=1),
+      # Launched asynchronously: 100 us of launch, finished 1,500 us later.
+      x("dot.1", 0, 100),
+      x("end: dot.1", 1500, 0, tid=3),
+      # An end event before its kernel's own end changes nothing.
+      x("dot.1", 10000, 1500),
+      x("end: dot.1", 11400, 0),
+      x("wrapped_neg", 2000, 1000),
+      x("end: unknown.7", 3000, 0),
+      # A loop's event spans its body's kernels, which count on their own.
+      x("loop", 0, 50),
+      x("end: loop", 8000, 0),
+      x("ThunkExecutor::Execute", 0, 8000, tid=3),
+  ]
   with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
   summary = bench.trace_summary.summarize(str(tmp_path))
