@@ -2,7 +2,8 @@
 
 Each shot count is one compiled program holding all its episodes (seeds x
 draws); the shot counts run one after another into <workdir>/shots_<k>, and
-<workdir>/sweep.md tabulates every metric against the number of shots.
+<workdir>/sweep.md, sweep.json and sweep.png put every metric of the model
+and the baselines against the number of shots (ultraad_jax/sweep.py).
 
   python main.py --config configs/sweep_busi.py \
       --config.data.manual_dir=/path/to/folder/holding/Dataset_BUSI_with_GT \

@@ -163,7 +163,15 @@ def _ordered(obj: Any, first: Sequence[str] = ()) -> Any:
   return obj
 
 
-def _metric_order(keys: Iterable[str]) -> list[str]:
+def metric_order(keys: Iterable[str]) -> list[str]:
+  """Metric keys in report order: METRIC_KEYS first, then the rest sorted.
+
+  Args:
+    keys: metric keys (any iterable; repeats are fine).
+
+  Returns:
+    The distinct keys, ordered.
+  """
   keys = set(keys)
   return [k for k in METRIC_KEYS if k in keys] + sorted(keys - set(METRIC_KEYS))
 
@@ -191,17 +199,17 @@ def _method_block(block: dict[str, Any], where: str) -> dict[str, Any]:
   for episode in block["episodes"]:
     episode = _ordered(episode, _EPISODE_KEYS)
     episode["metrics"] = {
-        k: episode["metrics"][k] for k in _metric_order(episode["metrics"])
+        k: episode["metrics"][k] for k in metric_order(episode["metrics"])
     }
     episodes.append(episode)
   summary = block.get("summary")
   if summary is None:
-    names = _metric_order(k for e in episodes for k in e["metrics"])
+    names = metric_order(k for e in episodes for k in e["metrics"])
     summary = {
         k: summarize(e["metrics"].get(k) for e in episodes) for k in names
     }
   summary = {
-      k: _ordered(summary[k], _SUMMARY_KEYS) for k in _metric_order(summary)
+      k: _ordered(summary[k], _SUMMARY_KEYS) for k in metric_order(summary)
   }
   rest = _ordered(
       {k: v for k, v in block.items() if k not in ("episodes", "summary")}
@@ -270,7 +278,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
   methods = [(model_name, results["summary"])] + [
       (name, block["summary"]) for name, block in results["baselines"].items()
   ]
-  names = _metric_order(k for _, s in methods for k in s)
+  names = metric_order(k for _, s in methods for k in s)
   n_ep = results["num_episodes"]
   lines = [
       f"# Results: {results['dataset']}, {results['shots']}-shot, "
@@ -640,7 +648,13 @@ def read_events(path: str) -> list[tuple[int, str, float]]:
 # --------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: str) -> None:
+def save_figure(fig: Figure, path: str) -> None:
+  """Writes `fig` to `path` as a 100 dpi PNG, creating its folder.
+
+  Args:
+    fig: a matplotlib Figure (no pyplot).
+    path: the PNG file.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   FigureCanvasAgg(fig)
@@ -760,7 +774,7 @@ def plot_overlays(
         ax_img.set_ylabel(str(row_names[r]), fontsize=10)
   if heat is not None:
     fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="score")
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def plot_roc(
@@ -798,7 +812,7 @@ def plot_roc(
   ax.set_title(title)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
 
 
 def plot_metric_distributions(
@@ -818,7 +832,7 @@ def plot_metric_distributions(
     title: optional figure title.
   """
   methods = list(per_method)
-  keys = _metric_order(k for m in methods for k in per_method[m])
+  keys = metric_order(k for m in methods for k in per_method[m])
   if not keys:
     raise ValueError(
         "per_method holds no metric; pass {method: {metric: [...]}}"
@@ -857,4 +871,4 @@ def plot_metric_distributions(
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  _save(fig, path)
+  save_figure(fig, path)
