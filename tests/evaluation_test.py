@@ -102,3 +102,48 @@ def test_each_episode_sees_only_its_query_images():
     assert got[e]["pixel_auroc"] == pytest.approx(
         skm.roc_auc_score(masks[q].ravel(), pred["maps"][q].ravel())
     )
+
+
+def test_caption_names_the_data_setting_and_short_backbone():
+  results = {"dataset": "busi/all", "setting": "normal_only", "shots": 4,
+             "num_episodes": 16,
+             "backbone": "/data/weights/clip-vit-large-patch14-336/"}  # fmt: skip
+  assert evaluation.caption(results) == (
+      "busi/all, normal_only, 4-shot, 16 episodes, "
+      "backbone clip-vit-large-patch14-336"
+  )
+
+
+def test_figures_are_written_with_the_caption(tmp_path, monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+
+  from ultraad_jax import report  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  pred, labels, masks = _episode(rng, n=12)
+  test = types.SimpleNamespace(
+      images=rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8),
+      masks=masks,
+      labels=labels,
+      image_ids=np.asarray([f"im{i}" for i in range(12)]),
+  )
+  titles = {}
+  for name in ("plot_overlays", "plot_roc", "plot_metric_distributions"):
+    original = getattr(report, name)
+
+    def spy(*args, _name=name, _original=original, **kwargs):
+      titles[_name] = kwargs.get("title", args[2] if len(args) > 2 else None)
+      return _original(*args, **kwargs)
+
+    monkeypatch.setattr(report, name, spy)
+  per_method = {"ultraad": [evaluation.query_metrics(pred, labels, masks,
+                                                     "per_class")]}  # fmt: skip
+  evaluation.write_figures(
+      str(tmp_path), test, np.ones(12, bool), {"ultraad": pred}, per_method,
+      per_class=1, title="busi/all, per_class, 4-shot, 8 episodes, backbone x",
+  )  # fmt: skip
+  assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+      "metrics_over_episodes.png", "overlays.png", "roc_image.png"
+  ]  # fmt: skip
+  for name, title in titles.items():
+    assert "busi/all, per_class, 4-shot, 8 episodes" in title, name

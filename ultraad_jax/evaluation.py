@@ -109,7 +109,25 @@ def assemble_results(config, per_method, *, backbone_name, dataset, selection):
   }
 
 
-def write_figures(workdir, test, query_mask, examples, per_method, per_class=3):
+def caption(results):
+  """What a figure of a run shows, in one line: its data and setting.
+
+  Args:
+    results: the results dict of `assemble_results`.
+
+  Returns:
+    E.g. "us_phantom/all, per_class, 4-shot, 8 episodes, backbone tiny".
+  """
+  # A local weights folder is named by its last part, not its whole path.
+  backbone = os.path.basename(str(results["backbone"]).rstrip("/\\"))
+  return (
+      f"{results['dataset']}, {results['setting']}, {results['shots']}-shot, "
+      f"{results['num_episodes']} episodes, backbone {backbone}"
+  )
+
+
+def write_figures(workdir, test, query_mask, examples, per_method, per_class=3,
+                  *, title=None):  # fmt: skip
   """Overlays and ROC curves (episode 0) and metric distributions.
 
   Args:
@@ -119,6 +137,7 @@ def write_figures(workdir, test, query_mask, examples, per_method, per_class=3):
     examples: method -> dict of episode-0 predictions over all test images.
     per_method: method -> list of per-episode metric dicts.
     per_class: query images of each class in the overlay figure.
+    title: the run's `caption`, shown on every figure (None: none).
   """
   fig_dir = os.path.join(workdir, "figures")
   os.makedirs(fig_dir, exist_ok=True)
@@ -137,6 +156,7 @@ def write_figures(workdir, test, query_mask, examples, per_method, per_class=3):
         ours["maps"][picks],
         [str(test.image_ids[i]) for i in picks],
         classes=[names[test.labels[i]] for i in picks],
+        title=f"UltraAD, episode 0: {title}" if title else None,
     )
   curves = {}
   abnormal = (test.labels[q] > 0).astype(np.int32)
@@ -147,12 +167,17 @@ def write_figures(workdir, test, query_mask, examples, per_method, per_class=3):
     report.plot_roc(
         os.path.join(fig_dir, "roc_image.png"),
         curves,
-        "Image-level anomaly detection, episode 0",
+        "Image-level anomaly detection, episode 0"
+        # The ROC figure is narrow: the caption on two more lines.
+        + (f"\n{title.replace(', backbone', chr(10) + 'backbone')}"
+           if title else ""),  # fmt: skip
     )
   dist = {
       name: {k: [m.get(k, float("nan")) for m in ms] for k in METRIC_KEYS}
       for name, ms in per_method.items()
   }
   report.plot_metric_distributions(
-      os.path.join(fig_dir, "metrics_over_episodes.png"), dist
+      os.path.join(fig_dir, "metrics_over_episodes.png"),
+      dist,
+      title=f"Every episode's metrics: {title}" if title else None,
   )

@@ -686,6 +686,7 @@ def plot_overlays(
     *,
     classes: Sequence[str] | None = None,
     alpha: float = 0.5,
+    title: str | None = None,
 ) -> None:
   """Query images with their ground truth and anomaly map, as one PNG.
 
@@ -705,6 +706,7 @@ def plot_overlays(
     classes: optional K class names; each class then gets one row, in order
       of first appearance, and its name labels the row.
     alpha: opacity of the heatmap.
+    title: optional figure title (e.g. the run's setting).
   """
   k = len(titles)
   if not (len(images) == len(masks) == len(maps) == k) or k == 0:
@@ -774,6 +776,8 @@ def plot_overlays(
         ax_img.set_ylabel(str(row_names[r]), fontsize=10)
   if heat is not None:
     fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="score")
+  if title:
+    fig.suptitle(title, fontsize=10)
   save_figure(fig, path)
 
 
@@ -809,7 +813,7 @@ def plot_roc(
   ax.set_ylim(0.0, 1.0)
   ax.set_xlabel("false positive rate")
   ax.set_ylabel("true positive rate")
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   save_figure(fig, path)

@@ -995,6 +995,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
         examples,
         per_method,
         per_class=config.eval.num_overlays,
+        title=evaluation.caption(results),
     )
   logging.info("Wrote results to %s.", os.path.join(workdir, "results.md"))
   return results
