@@ -154,20 +154,21 @@ def draw(results, path):
 
   if points:
     es = [p["episodes"] for p in points]
-    ax_sw.plot(es, [p["jax_s_per_episode"] for p in points], "o-",
-               color="tab:blue",
-               label="engine (feature cache, vmapped)")  # fmt: skip
-    cached = [p for p in points if "jax_with_cache_s_per_episode" in p]
-    if cached:
-      ax_sw.plot([p["episodes"] for p in cached],
-                 [p["jax_with_cache_s_per_episode"] for p in cached], "s--",
-                 color="tab:blue",
-                 label="engine, the cache's build included")  # fmt: skip
+    # (label, key, line style, colour) of each per-episode series; a series
+    # is drawn over the rows that carry its key.
+    for label, key, style, colour in (
+        ("engine (feature cache, vmapped)", "jax_s_per_episode", "o-",
+         "tab:blue"),
+        ("engine, the cache's build included", "jax_with_cache_s_per_episode",
+         "s--", "tab:blue"),
+        ("peer loop (PyTorch)", "torch_s_per_episode", "-", "tab:orange"),
+    ):  # fmt: skip
+      rows = [p for p in points if key in p]
+      if rows:
+        ax_sw.plot([p["episodes"] for p in rows], [p[key] for p in rows],
+                   style, color=colour, label=label)  # fmt: skip
     peer = [p for p in points if "torch_s_per_episode" in p]
     if peer:
-      ax_sw.plot([p["episodes"] for p in peer],
-                 [p["torch_s_per_episode"] for p in peer], "-",
-                 color="tab:orange", label="peer loop (PyTorch)")  # fmt: skip
       for p in peer:
         ax_sw.plot(
             p["episodes"], p["torch_s_per_episode"], "o", color="tab:orange",

@@ -261,12 +261,27 @@ def _canonical(results: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _cell(summary: Mapping[str, Any] | None, num_episodes: int) -> str:
+def cell(
+    summary: Mapping[str, Any] | None, num_episodes: int, *, ci: bool = True
+) -> str:
+  """One table cell: "mean ± std (95% CI lo–hi)", "—" when not measured.
+
+  Args:
+    summary: a `summarize` result, or None.
+    num_episodes: the run's episodes; "[n=k]" marks a metric defined in
+      fewer of them.
+    ci: include the confidence interval.
+
+  Returns:
+    The cell's text.
+  """
   if not summary or summary.get("mean") is None:
     return _DASH
-  lo, hi = summary["ci95"]
   mean, std = summary["mean"], summary["std"]
-  text = f"{mean:.3f} ± {std:.3f} (95% CI {lo:.3f}–{hi:.3f})"
+  text = f"{mean:.3f} ± {std:.3f}"
+  if ci:
+    lo, hi = summary["ci95"]
+    text += f" (95% CI {lo:.3f}–{hi:.3f})"
   if summary["n"] != num_episodes:
     text += f" [n={summary['n']}]"
   return text
@@ -300,7 +315,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
       "|---" * (len(methods) + 1) + "|",
   ]
   for key in names:
-    cells = [_cell(summary.get(key), n_ep) for _, summary in methods]
+    cells = [cell(summary.get(key), n_ep) for _, summary in methods]
     lines.append(
         f"| {METRIC_NAMES.get(key, key)} | " + " | ".join(cells) + " |"
     )

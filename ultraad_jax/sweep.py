@@ -59,16 +59,6 @@ def _methods(results):
   return out
 
 
-def _cell(summary, num_episodes):
-  """mean ± std, with [n=k] when fewer episodes defined the metric."""
-  if not summary or summary.get("mean") is None:
-    return "—"
-  text = f"{summary['mean']:.3f} ± {(summary.get('std') or 0.0):.3f}"
-  if summary.get("n") is not None and summary["n"] != num_episodes:
-    text += f" [n={summary['n']}]"
-  return text
-
-
 def write_summary(workdir, all_results):
   """Writes sweep.md, sweep.json and sweep.png for finished shot counts.
 
@@ -140,7 +130,7 @@ def _markdown(summary, keys):
   ]
   for k in summary["shots"]:
     per = summary["results"][str(k)][model]
-    cells = [_cell(per.get(m), n_ep) for m in keys]
+    cells = [report.cell(per.get(m), n_ep, ci=False) for m in keys]
     lines.append(f"| {k} | " + " | ".join(cells) + " |")
   if len(summary["methods"]) > 1:
     for m in keys:
@@ -154,7 +144,8 @@ def _markdown(summary, keys):
       for k in summary["shots"]:
         per = summary["results"][str(k)]
         cells = [
-            _cell(per.get(name, {}).get(m), n_ep) for name in summary["methods"]
+            report.cell(per.get(name, {}).get(m), n_ep, ci=False)
+            for name in summary["methods"]
         ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -166,6 +157,7 @@ def _plot(path, summary, keys):
   rows = -(-len(keys) // cols)
   fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
   shots = summary["shots"]
+  handles = {}  # method -> its first line, for the figure's legend
   for i, m in enumerate(keys):
     ax = fig.add_subplot(rows, cols, i + 1)
     # One colour per method in every panel, also where a method has no
@@ -180,18 +172,15 @@ def _plot(path, summary, keys):
       if not pts:
         continue
       x, y, e = (np.asarray(v, float) for v in zip(*pts))
-      ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name,
-                  color=f"C{j % 10}", linewidth=2.0 if j == 0 else 1.0)  # fmt: skip
+      line = ax.errorbar(x, y, yerr=e, marker="o", capsize=3,
+                         color=f"C{j % 10}", linewidth=2.0 if j == 0 else 1.0)  # fmt: skip
+      handles.setdefault(name, line)
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots)
     ax.set_xticklabels([str(k) for k in shots])
     ax.set_title(report.METRIC_NAMES.get(m, m), fontsize=10)
     ax.set_xlabel("shots per class")
     ax.grid(alpha=0.3)
-  handles = {}
-  for ax in fig.axes:
-    for handle, label in zip(*ax.get_legend_handles_labels()):
-      handles.setdefault(label, handle)
   fig.legend(
       [handles[m] for m in summary["methods"] if m in handles],
       [m for m in summary["methods"] if m in handles],
