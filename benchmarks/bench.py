@@ -303,6 +303,12 @@ def parse_args(argv=None):
   p.add_argument("--sweep_pool", type=int)
   p.add_argument("--torch_max_episodes", type=int)
   p.add_argument(
+      "--steps_per_call",
+      type=int,
+      help="the engine's train.steps_per_call in the sweep (default: the "
+      "base config's, 0 = every step up to the next log line or checkpoint)",
+  )
+  p.add_argument(
       "--torch_head_compile",
       action=argparse.BooleanOptionalAction,
       default=True,
@@ -842,6 +848,7 @@ def main(argv=None):
           peer_head=args.peer_head,
           torch_threads=args.peer_threads,
           with_torch=args.torch,
+          steps_per_call=args.steps_per_call,
       )
       results["sweep"]["precision"] = args.sweep_precision
       if spec:

@@ -3,7 +3,8 @@
 E episodes of the UltraAD head, trained for the same number of steps on
 both sides. The engine (`jax_engine`) runs as `train.train_and_evaluate`
 does: the pool's features cached once, then every episode's step vmapped
-in one jitted program. The peer (peer_loop.py) runs each episode and step
+in one jitted program, several steps per call (`train.train_steps`). The
+peer (peer_loop.py) runs each episode and step
 one after another, with a backbone forward on the support every step.
 """
 
@@ -23,22 +24,31 @@ from ultraad_jax import features
 from ultraad_jax import train
 
 
-def engine_step_fn(tx, cfg, backbone, chunk, compiler_options=None):
-  """The engine's jitted train step, as `train.train_and_evaluate` builds it.
+def engine_steps_fn(tx, cfg, backbone, chunk, max_steps,
+                    compiler_options=None):  # fmt: skip
+  """The engine's jitted call of up to `max_steps` steps, donating its state.
+
+  As `train.train_and_evaluate` builds it (`train.train_steps`).
 
   Args:
     tx: the optax optimiser.
     cfg: model.ModelConfig.
     backbone: the clip.Backbone.
     chunk: episodes at once (`train.episode_chunk`).
+    max_steps: the most steps of one call (`train.call_lengths`).
     compiler_options: per-program XLA options (None: XLA's).
 
   Returns:
-    The jitted `train.train_step`, donating its state.
+    The jitted `train.train_steps`.
   """
   return jax.jit(
       functools.partial(
-          train.train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=chunk
+          train.train_steps,
+          tx=tx,
+          cfg=cfg,
+          backbone=backbone,
+          chunk=chunk,
+          max_steps=max_steps,
       ),
       donate_argnums=(0,),
       compiler_options=compiler_options,
@@ -46,7 +56,8 @@ def engine_step_fn(tx, cfg, backbone, chunk, compiler_options=None):
 
 
 def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
-               text_embed=None, return_init=False):  # fmt: skip
+               text_embed=None, return_init=False,
+               steps_per_call=None):  # fmt: skip
   """Trains E episodes with the project's engine; returns timings.
 
   Inputs are built as `train.train_and_evaluate` builds them (cache rows,
@@ -65,6 +76,8 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
     text_embed: [E, S, D] description embeddings (default:
       `sweep_inputs.description_embeds(E, S, D, seed)`).
     return_init: also return the episodes' initial parameters.
+    steps_per_call: the engine's `train.steps_per_call` (None: the base
+      config's).
 
   Returns:
     A dict: init and step compile seconds, `init_s` and `train_s` (timed,
@@ -72,8 +85,9 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
     the bytes of its temporaries (`step_temp_bytes`), the process's user and
     system CPU seconds and minor page faults per timed step
     (`train_user_s_per_step`, `train_system_s_per_step`,
-    `train_minor_faults_per_step`; Unix only), the last step's loss (mean
-    over episodes, and episode 0's). With
+    `train_minor_faults_per_step`; Unix only), the steps of each timed call
+    (`call_lengths`), the last step's loss (mean over episodes, and episode
+    0's). With
     return_init, (that dict, the initial parameters as a host pytree of
     numpy arrays stacked over episodes), copied after the timed
     initialisation and before the timed steps.
@@ -122,16 +136,29 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
       jax.default_backend(),
   )
   out["episode_chunk"] = chunk
+  # The engine's steps per call: as many as lie between two of the base
+  # config's host events (its log lines and checkpoints).
+  config = sweep_inputs.sweep_run_config(steps)
+  if steps_per_call is not None:
+    config.train.steps_per_call = steps_per_call
+  lengths = train.call_lengths(
+      0,
+      steps,
+      config.train.steps_per_call or steps,
+      train.host_events(config, 0, steps, validating=False),
+  )
+  out["call_lengths"] = lengths
   # The engine's per-program XLA options (ultraad_jax/xla_env.py).
-  step_fn = engine_step_fn(
-      tx, cfg, backbone, chunk,
+  step_fn = engine_steps_fn(
+      tx, cfg, backbone, chunk, max(lengths),
       train.head_compiler_options(ep_data, cache_arrays),
   )  # fmt: skip
+  args = (ep_data, frozen, cache_arrays, clip_params, key)
   start = time.perf_counter()
-  step_c = step_fn.lower(state, ep_data, frozen, cache_arrays, clip_params,
-                         key).compile()  # fmt: skip
+  step_c = step_fn.lower(state, *args, np.int32(1)).compile()
   out["step_compile_s"] = time.perf_counter() - start
-  # XLA counts a while loop's body once: scale by the episode chunks.
+  # XLA counts a while loop's body once: the steps' loop counts one step,
+  # and the episode chunks' loop one chunk of it; scale by the chunks.
   out["step_flops"] = float(
       bench_timing.xla_cost(step_c).get("flops", float("nan"))
   ) * (num_episodes // chunk)
@@ -140,15 +167,12 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   # program pays one-off costs (allocator growth, thread-pool start-up), as
   # the peer's untimed warm-up episode does on its side.
   warm = jax.tree.map(jnp.copy, state)
-  jax.block_until_ready(
-      step_c(warm, ep_data, frozen, cache_arrays, clip_params, key)
-  )
+  jax.block_until_ready(step_c(warm, *args, np.int32(1)))
   del warm
   usage = bench_timing.process_usage()
   start = time.perf_counter()
-  for _ in range(steps):
-    state, step_metrics = step_c(state, ep_data, frozen, cache_arrays,
-                                 clip_params, key)  # fmt: skip
+  for n in lengths:
+    state, step_metrics = step_c(state, *args, np.int32(n))
   jax.block_until_ready((state, step_metrics))
   out["train_s"] = time.perf_counter() - start
   # Where the cores' time went: system time here is mostly the kernel
@@ -159,7 +183,7 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   for k, v in per_step.items():
     out["train_" + k.replace("_per_call", "_per_step")] = v
   out["jax_s"] = out["init_s"] + out["train_s"]
-  final = np.asarray(jax.device_get(step_metrics["loss"]))
+  final = np.asarray(jax.device_get(step_metrics["loss"]))[lengths[-1] - 1]
   out["final_loss"] = float(np.mean(final))
   out["final_loss_episode0"] = float(final[0])
   return (out, init_params) if return_init else out
@@ -179,6 +203,7 @@ def measure(
     peer_head="ultraad",
     torch_threads=0,
     with_torch=True,
+    steps_per_call=None,
     seed=0,
 ):
   """The few-shot sweep: the engine against the peer loop, for each E.
@@ -202,6 +227,8 @@ def measure(
       peer's).
     torch_threads: the peer's PyTorch threads (0: one per core).
     with_torch: run the peer.
+    steps_per_call: the engine's `train.steps_per_call` (None: the base
+      config's).
     seed: random seed.
 
   Returns:
@@ -297,7 +324,8 @@ def measure(
     )
     row, init = jax_engine(backbone, cfg, cache, supports, labels, steps,
                            seed, text_embed=text_embed,
-                           return_init=True)  # fmt: skip
+                           return_init=True,
+                           steps_per_call=steps_per_call)  # fmt: skip
     row["jax_s_per_episode"] = row["jax_s"] / num
     row["jax_s_with_cache"] = row["jax_s"] + out["cache_s"]
     if peer is not None:
@@ -348,15 +376,19 @@ def measure(
 
 
 def _usage_note(row):
-  """The engine step's temporaries and system-time share, for the log line."""
-  note = ""
+  """The engine's calls, temporaries and system-time share, for the log line."""
+  parts = []
+  if row.get("call_lengths"):
+    parts.append(f"calls of {row['call_lengths']} steps")
   if row.get("step_temp_bytes"):
-    note += f"; step temporaries {row['step_temp_bytes'] / 1e9:.2f} GB"
+    parts.append(f"temporaries {row['step_temp_bytes'] / 1e9:.2f} GB a call")
   user, system = (row.get("train_user_s_per_step"),
                   row.get("train_system_s_per_step"))  # fmt: skip
   if user is not None and user + system > 0:
-    note += f", system time {100 * system / (user + system):.0f}% of its CPU"
-  return note
+    parts.append(
+        f"system time {100 * system / (user + system):.0f}% of its CPU"
+    )
+  return "; " + ", ".join(parts) if parts else ""
 
 
 def add_floors(sweep, spec, precision):

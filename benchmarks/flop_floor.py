@@ -11,9 +11,11 @@ allocated and nothing runs. The programs are those `bench.py` times in its
 * the backbone: `clip.Backbone.encode_image` at the tapped layers
   (`bench_backbone.tapped_layers`), f32 and bf16 (bf16 parameters, as
   `bench_backbone.measure` runs it);
-* the sweep: one training step of all E episodes of the UltraAD head
-  (`train.train_step`, built as `bench_sweep.jax_engine` builds it), with every
-  episode in one vmap (no episode loop, see `head_step_flops`).
+* the sweep: one training step of all E episodes of the UltraAD head: the
+  engine's call of steps (`train.train_steps`, built as
+  `bench_sweep.jax_engine` builds it), whose loop over steps XLA counts
+  once, so one step, with every episode in one vmap (no episode loop, see
+  `head_step_flops`).
 
 The counts are XLA:CPU's, of the same programs compiled from shapes. An
 accelerator's compiler fuses differently (so its "bytes accessed" differs
@@ -223,8 +225,9 @@ def head_step_flops(
   Returns:
     A dict: "flops" (the step, all episodes), "flops_per_episode",
     "bytes_accessed" (the step, XLA:CPU's fusion), "episodes",
-    "support_size", "pool", "layers", "fused_map_loss", "while_loops" (0
-    expected; more means undercounted) and "count_s".
+    "support_size", "pool", "layers", "fused_map_loss", "while_loops"
+    (besides the loop over steps; 0 expected, more means undercounted) and
+    "count_s".
   """
   start = time.perf_counter()
   backbone = abstract_backbone(model_name, jnp.float32)
@@ -258,10 +261,11 @@ def head_step_flops(
   # (xla_env.head_compiler_options gives none off CPU). The CPU-only YNN
   # reduce fusions it turns on for large programs also change XLA:CPU's
   # count (-0.9 % on the tiny step), so they would not be the same program.
-  step_fn = bench_sweep.engine_step_fn(tx, cfg, backbone, episodes)
+  step_fn = bench_sweep.engine_steps_fn(tx, cfg, backbone, episodes, 1)
   lowered = step_fn.lower(
-      state, ep_data, frozen, cache_arrays, clip_params, key
-  )
+      state, ep_data, frozen, cache_arrays, clip_params, key,
+      shape((), jnp.int32),
+  )  # fmt: skip
   cost, hlo = _count(lowered, count)
   flops = float(cost.get("flops", float("nan")))
   return {
@@ -273,7 +277,9 @@ def head_step_flops(
       "pool": pool,
       "layers": list(layers),
       "fused_map_loss": fused_map_loss,
-      "while_loops": _while_loops(hlo),
+      # The loop over the call's steps runs one step here (and XLA counts
+      # its body once): only other loops would be undercounted.
+      "while_loops": _while_loops(hlo) - 1,
       "count_s": time.perf_counter() - start,
   }
 

@@ -108,11 +108,20 @@ def sweep_model_config(layers, fused_map_loss=None):
   return dataclasses.replace(cfg, fused_map_loss=fused_map_loss)
 
 
+def sweep_run_config(steps):
+  """The base config with `steps` training steps.
+
+  Its logging and checkpoint schedule decide how the engine groups the steps
+  into compiled calls (`train.host_events`, `train.call_lengths`).
+  """
+  config = common.get_base_config()
+  config.train.steps = steps
+  return config
+
+
 def sweep_train_config(steps):
   """The base config's optimiser settings with `steps` steps (both sides)."""
-  tc = common.get_base_config().train
-  tc.steps = steps
-  return tc
+  return sweep_run_config(steps).train
 
 
 def learning_rates(tc):

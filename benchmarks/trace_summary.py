@@ -203,7 +203,7 @@ def summarize(workdir, top=20):
                 workdir,
                 "hlo",
                 "xla_dump",
-                "*train_step.cpu_after_optimizations.txt",
+                "*train_steps.cpu_after_optimizations.txt",
             )
         )
     )
@@ -219,7 +219,9 @@ def summarize(workdir, top=20):
   with gzip.open(traces[-1], "rt", encoding="utf-8") as f:
     events = json.load(f)["traceEvents"]
   kernel_ms = _kernel_ms(events, sources, _control_flow(text))
-  steps = sum(1 for e in events
+  # One "train" slice per compiled call, which records its steps (a call of
+  # several steps, train.steps_per_call).
+  steps = sum(int(e.get("args", {}).get("steps", 1)) for e in events
               if e.get("ph") == "X" and e.get("name") == "train")  # fmt: skip
   steps = max(steps, 1)
   total = sum(kernel_ms.values()) / steps

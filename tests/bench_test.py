@@ -393,7 +393,9 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
   x = lambda name, ts, dur, tid=2: {"ph": "X", "name": name, "ts": ts,
                                     "dur": dur, "pid": 1, "tid": tid}  # fmt: skip
   events = [
-      x("train", 0, 9000, tid=1),
+      # A call of 3 steps (train.steps_per_call), and one without the count
+      # (a trace from before calls of several steps): 4 steps.
+      {**x("train", 0, 9000, tid=1), "args": {"step_num": "2", "steps": "3"}},
       x("train", 10000, 9000, tid=1),
       # Launched asynchronously: 100 us of launch, finished 1,500 us later.
       x("dot.1", 0, 100),
@@ -411,14 +413,14 @@ def test_trace_summary_attributes_kernels_to_project_source(bench, tmp_path):
   with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
   summary = bench.trace_summary.summarize(str(tmp_path))
-  assert summary["steps"] == 2
-  assert summary["total_ms_per_step"] == pytest.approx(2.0)
+  assert summary["steps"] == 4
+  assert summary["total_ms_per_step"] == pytest.approx(1.0)
   by_function = {r["function"]: r["ms_per_step"]
                  for r in summary["by_function"]}  # fmt: skip
   # dot.1 comes from fusion.py; the wrapped kernel's body is a flax op
   # called from train.py, its innermost project frame.
   assert by_function == pytest.approx(
-      {"fusion.py:_cross_attention": 1.5, "train.py:train_step": 0.5}
+      {"fusion.py:_cross_attention": 0.75, "train.py:train_step": 0.25}
   )
   with pytest.raises(FileNotFoundError, match="profile_steps"):
     bench.trace_summary.summarize(str(tmp_path / "missing"))

@@ -167,12 +167,20 @@ def test_command_line_flags_load_a_config(monkeypatch):
       _parse_command_line(["main.py", "--config", str(path), bad], monkeypatch)
 
 
+def test_negative_steps_per_call_is_refused_by_name():
+  config = _load("demo").get_config()
+  config.train.steps_per_call = -1
+  with pytest.raises(ValueError, match=r"config.train.steps_per_call=-1"):
+    run_config.validate(config)
+
+
 def test_fingerprint_ignores_only_non_training_keys():
   config = _load("demo").get_config()
   base = run_config.fingerprint(config)
   for key, value in [("mode", "eval"), ("data.data_dir", "/elsewhere"),
                      ("checkpoint.every_steps", 7), ("mesh.num_devices", 1),
-                     ("eval.baselines", ()), ("train.log_every", 3)]:  # fmt: skip
+                     ("eval.baselines", ()), ("train.log_every", 3),
+                     ("train.steps_per_call", 1)]:  # fmt: skip
     changed = _load("demo").get_config()
     engine_helpers.set_key(changed, key, value)
     assert run_config.fingerprint(changed) == base, key

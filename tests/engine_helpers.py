@@ -11,6 +11,7 @@
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import pathlib
@@ -235,3 +236,29 @@ def run_main(args, log_path, timeout=300):
   run = MainRun(args, log_path)
   code = run.finish(timeout)
   return code, run.log()
+
+
+def jit_engine_fn(fn, inputs, jit_kwargs=None, **kwargs):
+  """`fn` jitted with the `step_inputs` fixture's optimiser, config, backbone.
+
+  For train.train_step and train.train_steps.
+
+  Args:
+    fn: the engine function.
+    inputs: the `step_inputs` fixture's dict.
+    jit_kwargs: keyword arguments of jax.jit (e.g. out_shardings).
+    **kwargs: further static arguments of `fn` (chunk, max_steps).
+
+  Returns:
+    The jitted function.
+  """
+  return jax.jit(
+      functools.partial(
+          fn,
+          tx=inputs["tx"],
+          cfg=inputs["cfg"],
+          backbone=inputs["bb"],
+          **kwargs,
+      ),
+      **(jit_kwargs or {}),
+  )

@@ -187,13 +187,16 @@ def test_command_line_rejects_bad_config(flag, words, data_dir, tmp_path):
 # ---------------------------------------------------------------------------
 # 3. Numerics.
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("steps_per_call", [1, 0])
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, steps_per_call
 ):
   # At step 3 the parameters of episode 1 turn NaN (so its loss and
   # gradients do) and episode 0 reports an infinite gradient norm. Step 3 is
-  # neither logged nor saved: its check is the deferred one, made while
-  # step 4 runs, before anything is saved.
+  # neither logged nor saved. One step a call, its check is the deferred
+  # one, made while step 4 runs, before anything is saved. With steps 3 and
+  # 4 in one call (which ends at the checkpoint of step 4), the check of
+  # that call's rows finds step 3 before step 4 is saved.
   step_fn = train.train_step
 
   def poisoned(state, *args, **kwargs):
@@ -218,7 +221,12 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(
   monkeypatch.setattr(train, "train_step", poisoned)
   config = tiny_config(
       data_dir,
-      {"train.steps": 6, "checkpoint.every_steps": 2, "train.log_every": 100},
+      {
+          "train.steps": 6,
+          "checkpoint.every_steps": 2,
+          "train.log_every": 100,
+          "train.steps_per_call": steps_per_call,
+      },
   )
   with pytest.raises(train.TrainingDiverged) as err:
     train.train_and_evaluate(config, str(tmp_path))
@@ -359,11 +367,11 @@ def test_signal_at_any_point_of_a_step_saves_the_step_it_stops_at(tmp_path):
   os_kill_at = 3
 
   def step_fn(state, *args):
-    del args
+    assert int(args[-1]) == 1  # validation after every step: a step a call
     step = state["step"] + 1
     return {**state, "step": step}, {
-        "loss": jnp.ones(2),
-        "grad_norm": jnp.ones(2),
+        "loss": jnp.ones((1, 2)),
+        "grad_norm": jnp.ones((1, 2)),
     }
 
   def val_fn(state, *args):
@@ -392,7 +400,7 @@ def test_signal_at_any_point_of_a_step_saves_the_step_it_stops_at(tmp_path):
       workdir=str(tmp_path),
       fingerprint="f",
       start_step=0,
-      total=10,
+      lengths=[1] * 10,
   )
   checkpointer.close()
   assert stopped_early

@@ -76,10 +76,10 @@ def trained(tmp_path_factory, data_dir):
   """
 
   def build(path):
-    before = train.TRACE_COUNTS["train_step"]
+    before = train.TRACE_COUNTS["train_steps"]
     train.train_and_evaluate(tiny_config(data_dir, BASE), str(path / "work"))
-    traces = train.TRACE_COUNTS["train_step"] - before
-    (path / "traces.json").write_text(json.dumps({"train_step": traces}))
+    traces = train.TRACE_COUNTS["train_steps"] - before
+    (path / "traces.json").write_text(json.dumps({"train_steps": traces}))
 
   return engine_helpers.shared_path(tmp_path_factory, "trained", build) / "work"
 
@@ -144,9 +144,10 @@ def test_run_writes_every_report_file(trained):
 
 
 def test_train_step_compiles_once(trained):
-  # Three steps (and a checkpoint after each), one trace of the step.
+  # Three steps (and a checkpoint after each, so a call per step), one trace
+  # of the compiled call.
   traces = json.loads((trained.parent / "traces.json").read_text())
-  assert traces == {"train_step": 1}
+  assert traces == {"train_steps": 1}
 
 
 def test_same_seed_gives_identical_results(trained, data_dir, tmp_path):
@@ -176,6 +177,36 @@ def test_resume_after_a_lost_checkpoint_matches_uninterrupted_run(
   assert engine_helpers.complete_steps(workdir) == [1, 2, 3]
 
 
+def test_several_steps_per_call_log_and_save_as_one_step_per_call(
+    data_dir, tmp_path, caplog
+):
+  # Events after steps 1, 3 and 6 (log lines, checkpoints): calls of 1, 2
+  # and 3 steps, against 6 calls of one step.
+  schedule = {"train.steps": 6, "train.log_every": 3,
+              "checkpoint.every_steps": 3}  # fmt: skip
+  results = {}
+  for steps_per_call in (0, 1):
+    workdir = tmp_path / str(steps_per_call)
+    config = tiny_config(
+        data_dir, {**schedule, "train.steps_per_call": steps_per_call}
+    )
+    with caplog.at_level(logging.INFO):
+      caplog.clear()
+      train.train_and_evaluate(config, str(workdir))
+    called = "up to 3 steps per compiled call" in caplog.text
+    assert called == (steps_per_call == 0)
+    assert engine_helpers.metric_steps(workdir) == [1, 3, 6]
+    assert engine_helpers.complete_steps(workdir) == [3, 6]
+    results[steps_per_call] = report.read_results(str(workdir))
+  # The same training, up to float reassociation inside the loop.
+  assert len(results[0]["episodes"]) == 2
+  for got, want in zip(results[0]["episodes"], results[1]["episodes"]):
+    assert set(got["metrics"]) == set(want["metrics"])
+    for key, value in want["metrics"].items():
+      np.testing.assert_allclose(got["metrics"][key], value, rtol=1e-4,
+                                 atol=1e-5, err_msg=key)  # fmt: skip
+
+
 def test_resume_refuses_a_different_config(trained, data_dir, tmp_path):
   workdir = _copy(trained, tmp_path)
   config = tiny_config(data_dir, {**BASE, "train.learning_rate": 1e-2})
@@ -189,11 +220,11 @@ def test_resume_refuses_a_different_config(trained, data_dir, tmp_path):
 def test_eval_mode_reproduces_results(trained, data_dir, tmp_path):
   workdir = _copy(trained, tmp_path)
   _drop_outputs(workdir)
-  before = train.TRACE_COUNTS["train_step"]
+  before = train.TRACE_COUNTS["train_steps"]
   train.train_and_evaluate(
       tiny_config(data_dir, {**BASE, "mode": "eval"}), str(workdir)
   )
-  assert train.TRACE_COUNTS["train_step"] == before  # nothing trained
+  assert train.TRACE_COUNTS["train_steps"] == before  # nothing trained
   assert engine_helpers.results_text(workdir) == engine_helpers.results_text(
       trained
   )

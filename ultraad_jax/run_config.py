@@ -32,6 +32,7 @@ _NON_TRAINING_KEYS = (
     "checkpoint",
     "train.log_every",
     "train.episode_chunk",  # how episodes are batched, not what is trained
+    "train.steps_per_call",  # how steps are dispatched, likewise
     "cache.batch_size",
     "cache.memory_budget_gb",
     "data.data_dir",
@@ -139,6 +140,8 @@ def validate(config):
     _fail("train.val_fraction", t.val_fraction, "must be in [0, 1)")
   if t.log_every <= 0:
     _fail("train.log_every", t.log_every, "must be >= 1")
+  if t.steps_per_call < 0:
+    _fail("train.steps_per_call", t.steps_per_call, "must be >= 0 (0 = auto)")
   if config.checkpoint.every_steps <= 0:
     _fail("checkpoint.every_steps", config.checkpoint.every_steps, ">= 1")
   if config.cache.dtype not in ("float32", "bfloat16"):

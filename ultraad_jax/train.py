@@ -2,8 +2,10 @@
 
 One run trains and evaluates E few-shot episodes (seeds x draws) at once. The
 trainable state of every episode is stacked on a leading axis; `train_step`
-is the single-episode update vmapped over that axis and jitted, with the axis
-sharded over the "episode" axis of a device mesh. CLIP is frozen: its features
+is the single-episode update vmapped over that axis, with the axis sharded
+over the "episode" axis of a device mesh; `train_steps` runs several of them
+in one compiled call (as many as lie between two host events: a log line, a
+checkpoint, a validation). CLIP is frozen: its features
 come from a cache built once (features.py), and its parameters are replicated
 arguments that never enter the optimizer.
 
@@ -41,9 +43,10 @@ from ultraad_jax import xla_env
 
 P = jax.sharding.PartitionSpec
 
-# Counts how often the train step is traced (one per sweep shape). Tests read
-# it to prove the step never recompiles; it has no other use.
-TRACE_COUNTS = {"train_step": 0, "predict": 0}
+# Counts how often the compiled training call (`train_steps`) and the
+# evaluation step are traced (one per sweep shape). Tests read it to prove
+# that they never recompile; it has no other use.
+TRACE_COUNTS = {"train_steps": 0, "predict": 0}
 
 
 def to_host(tree):
@@ -491,7 +494,6 @@ def train_step(
   Returns:
     (new state, per-episode metrics {name: [E]}).
   """
-  TRACE_COUNTS["train_step"] += 1
   step = state["step"]
   num_episodes = ep_data["rows"].shape[0]
 
@@ -517,6 +519,97 @@ def train_step(
   )  # fmt: skip
   # Other entries (early stopping's "best", "best_val") pass through.
   return {**state, "params": params, "opt": opt, "step": step + 1}, metrics
+
+
+def train_steps(
+    state,
+    ep_data,
+    frozen,
+    cache_arrays,
+    clip_params,
+    rng,
+    num_steps,
+    *,
+    tx,
+    cfg,
+    backbone,
+    chunk=0,
+    max_steps=1,
+):
+  """`num_steps` successive `train_step`s of every episode, in one call.
+
+  The steps run in a loop inside one compiled program, whose trip count is a
+  traced argument: every call length up to `max_steps` uses the same
+  program. On CPU this matters beyond dispatch: XLA allocates a call's
+  temporaries afresh at every call, and above glibc's 32 MiB mmap threshold
+  the kernel zeroes their pages anew each time (a fifth of the ViT-B/16
+  step's CPU samples, docs/PERFORMANCE.md round 8). A loop of steps pays
+  that once per call (round 9: 5 % faster at ViT-B/16, 15-20 % in the
+  demo).
+
+  Args:
+    state: as for `train_step`.
+    ep_data: as for `train_step`.
+    frozen: as for `train_step`.
+    cache_arrays: as for `train_step`.
+    clip_params: as for `train_step`.
+    rng: as for `train_step`.
+    num_steps: int32 scalar in [1, max_steps], the steps this call runs.
+    tx: the optax transformation.
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+    chunk: episodes computed at once (`episode_chunk`); 0 = all.
+    max_steps: the most steps one call may run (static; sizes the metrics).
+
+  Returns:
+    (new state, metrics {name: [max_steps, E]}): row i holds step i of the
+    call; rows from `num_steps` on are zeros.
+  """
+  TRACE_COUNTS["train_steps"] += 1
+  # Looked up in the module at trace time, so that tests can wrap it.
+  step = functools.partial(
+      train_step, tx=tx, cfg=cfg, backbone=backbone, chunk=chunk
+  )
+  args = (ep_data, frozen, cache_arrays, clip_params, rng)
+  shapes = jax.eval_shape(step, state, *args)[1]
+  rows = jax.tree.map(
+      lambda s: jnp.zeros((max_steps,) + s.shape, s.dtype), shapes
+  )
+
+  def body(i, carry):
+    state, rows = carry
+    state, metrics = step(state, *args)
+    rows = jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics)
+    return state, rows
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, rows))
+
+
+def call_lengths(start, total, max_steps, events):
+  """How many steps each compiled training call runs, in order.
+
+  A call ends at every step after which the host has work to do (`events`),
+  so that logging, checkpoints and validation happen where they would with
+  one step per call, and no call runs more than `max_steps` steps.
+
+  Args:
+    start: the first step to run (steps done so far).
+    total: the schedule's steps.
+    max_steps: the most steps per call (>= 1).
+    events: step counts after which a call must end (others are ignored
+      when outside (start, total)).
+
+  Returns:
+    A list of positive ints summing to total - start.
+  """
+  stops = sorted({e for e in events if start < e < total} | {total})
+  lengths, done = [], start
+  for stop in stops:
+    while done < stop:
+      n = min(max_steps, stop - done)
+      lengths.append(n)
+      done += n
+  return lengths
 
 
 def val_step(
@@ -687,16 +780,26 @@ def build_backbone(config):
   )
 
 
-def _check_finite(metrics, step, checkpointer):
-  """Raises TrainingDiverged naming the step and episodes with NaN/Inf."""
-  bad = np.zeros_like(np.asarray(metrics["loss"]), dtype=bool)
+def _check_finite(first, n, metrics, checkpointer):
+  """Raises TrainingDiverged naming the first step with NaN/Inf, and episodes.
+
+  Args:
+    first: the steps done before the call that made `metrics`.
+    n: the steps that call ran (the rows of `metrics` that hold steps).
+    metrics: {name: [rows, E]} from `train_steps` (device or host arrays).
+    checkpointer: the run's Checkpointer (named in the error).
+  """
+  metrics = to_host(metrics)
+  bad = np.zeros_like(np.asarray(metrics["loss"])[:n], dtype=bool)
   for name in ("loss", "grad_norm"):
-    bad |= ~np.isfinite(np.asarray(metrics[name]))
+    bad |= ~np.isfinite(np.asarray(metrics[name])[:n])
   if bad.any():
+    row = int(np.flatnonzero(bad.any(axis=1))[0])
+    step = first + row + 1
     last = checkpointer.latest_step()
     raise TrainingDiverged(
         f"NaN or Inf in the loss or gradients at step {step} in episode(s) "
-        f"{np.flatnonzero(bad).tolist()}. Training stopped; the last good "
+        f"{np.flatnonzero(bad[row]).tolist()}. Training stopped; the last good "
         f"checkpoint is step {last} in {checkpointer.directory} (left "
         "intact). Lower train.learning_rate or set train.grad_clip, and check"
         " the inputs of those episodes (shots.json)."
@@ -851,16 +954,29 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
     logging.info(
         "Train step: %d episodes at a time (train.episode_chunk).", step_chunk
     )
+  total = config.train.steps
+  start_step = int(state["step"])
+  lengths = call_lengths(
+      start_step,
+      total,
+      config.train.steps_per_call or max(total, 1),
+      host_events(config, start_step, total, validating=ep_val is not None),
+  )
   step_fn = jax.jit(
       functools.partial(
-          train_step,
+          train_steps,
           tx=tx,
           cfg=cfg,
           backbone=backbone,
           chunk=step_chunk,
+          max_steps=max(lengths, default=1),
       ),
       donate_argnums=(0,),
-      out_shardings=(state_shardings, by_episode),
+      # Metrics are [steps of the call, E].
+      out_shardings=(
+          state_shardings,
+          jax.sharding.NamedSharding(mesh, P(None, "episode")),
+      ),
       compiler_options=head_options,
   )
   val_fn = None
@@ -873,12 +989,16 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
         out_shardings=(state_shardings, by_episode),
         compiler_options=head_options,
     )
-  total = config.train.steps
-  start_step = int(state["step"])
   stopped_early = False
   if config.mode == "train" and start_step < total:
+    if max(lengths) > 1:
+      logging.info(
+          "Training runs up to %d steps per compiled call "
+          "(train.steps_per_call).",
+          max(lengths),
+      )
     lowered = step_fn.lower(
-        state, ep_data, frozen, cache_arrays, clip_params, rng
+        state, ep_data, frozen, cache_arrays, clip_params, rng, np.int32(1)
     )
     compiled = lowered.compile()
     _log_cost("train_step", compiled, num_episodes // step_chunk)
@@ -895,7 +1015,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
         workdir=workdir,
         fingerprint=fingerprint,
         start_step=start_step,
-        total=total,
+        lengths=lengths,
     )
     timing["train_s"] = time.time() - t0
   if stopped_early:
@@ -1081,6 +1201,35 @@ def _frozen_passes(config, backbone, clip_params, cfg, split, test, episodes,
   return test_cache, cache_arrays, ep_data, ep_val
 
 
+def host_events(config, start, total, *, validating):
+  """Step counts after which the host logs, saves, validates or profiles.
+
+  Args:
+    config: the run config (train.log_every, train.val_every,
+      checkpoint.every_steps, profile_steps).
+    start: the steps done before this run.
+    total: the schedule's steps.
+    validating: whether the run validates (early stopping).
+
+  Returns:
+    A set of step counts (`call_lengths` ends a call at each).
+  """
+  everies = [config.train.log_every, config.checkpoint.every_steps]
+  if validating:
+    everies.append(config.train.val_every)
+  events = {1}  # the first step is always logged
+  for every in everies:
+    events.update(range(every, total, every))
+  if config.profile_steps:
+    events.update(_profile_range(config, start))
+  return events
+
+
+def _profile_range(config, start):
+  """(first, end) step counts of the profiled steps: after two warm-up steps."""
+  return start + 2, start + 2 + config.profile_steps
+
+
 def _train_loop(
     state,
     step_fn,
@@ -1093,13 +1242,13 @@ def _train_loop(
     workdir,
     fingerprint,
     start_step,
-    total,
+    lengths,
 ):
-  """Runs steps start_step..total-1: logs, checks, checkpoints, profiling.
+  """Runs the steps after start_step: logs, checks, checkpoints, profiling.
 
   Args:
-    state: the stacked training state (donated to each step).
-    step_fn: the jitted train step.
+    state: the stacked training state (donated to each call).
+    step_fn: the jitted `train_steps`.
     val_fn: the jitted validation step, or None (fixed schedule).
     args: the step's other arguments (ep_data, frozen, cache_arrays,
       clip_params, rng).
@@ -1108,14 +1257,17 @@ def _train_loop(
     config: the run config.
     workdir: the run's folder (metrics, profile).
     fingerprint: the config fingerprint saved with every checkpoint.
-    start_step: the first step to run.
-    total: the number of steps of the schedule.
+    start_step: the steps done before this run.
+    lengths: the steps of each call (`call_lengths`); they end on every
+      step where the host logs, saves, validates or starts or stops the
+      profiler.
 
   Returns:
     (state, stopped_early): stopped_early is True when SIGINT/SIGTERM ended
-    the run before `total` (a checkpoint of the step reached was saved).
+    the run before the schedule's end (a checkpoint of the step reached was
+    saved).
   """
-  ep_data, frozen, cache_arrays, clip_params, rng = args
+  total = start_step + sum(lengths)
   writer = (
       report.MetricWriter(workdir)
       if jax.process_index() == 0
@@ -1123,35 +1275,36 @@ def _train_loop(
   )
   stopped_early = False
   try:
-    profile_range = (start_step + 2, start_step + 2 + config.profile_steps)
-    pending = None  # (step, metrics) whose finiteness is not checked yet
+    profile_range = _profile_range(config, start_step)
+    pending = None  # (first step, n, metrics) not checked for NaN yet
     t_loop = time.time()
+    done = start_step
     with _StopRequest() as stop:
-      for step in range(start_step, total):
+      for n in lengths:
+        step = done
         if config.profile_steps and step == profile_range[0]:
           jax.block_until_ready(state)
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = step_fn(
-              state, ep_data, frozen, cache_arrays, clip_params, rng
-          )
-        if config.profile_steps and step + 1 == profile_range[1]:
+        # One annotated "step" per call, which records how many steps it
+        # ran (bench.py --trace_summary divides by them); the profiler's
+        # step view shows calls (train.steps_per_call=1: one step a call).
+        with jax.profiler.StepTraceAnnotation("train", step_num=step, steps=n):
+          state, metrics = step_fn(state, *args, np.int32(n))
+        done = step + n
+        if config.profile_steps and done == profile_range[1]:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
-        # The previous step's metrics are checked while this step runs, so
-        # the host never stalls the device on an ordinary step.
+        # The previous call's metrics are checked while this call runs, so
+        # the host never stalls the device on an ordinary call.
         if pending is not None:
-          _check_finite(to_host(pending[1]), pending[0], checkpointer)
+          _check_finite(*pending, checkpointer)
           pending = None
-        done = step + 1
         # Read the flag once: a signal landing between two reads would end
         # the loop on a step that was never saved.
         stopping = stop.signum is not None
         last = done == total or stopping
         if val_fn is not None and (last or done % config.train.val_every == 0):
-          state, val_loss = val_fn(
-              state, ep_val, frozen, cache_arrays, clip_params, rng
-          )
+          state, val_loss = val_fn(state, ep_val, *args[1:])
           val_loss = to_host(val_loss)
           writer.write(done, {"val_loss": float(np.mean(val_loss))})
           logging.info(
@@ -1163,8 +1316,8 @@ def _train_loop(
         if save or done == 1 or done % config.train.log_every == 0:
           # Host-side work on this step: NaN check, log line, checkpoint.
           host = to_host(metrics)
-          _check_finite(host, done, checkpointer)
-          means = {k: float(np.mean(v)) for k, v in host.items()}
+          _check_finite(step, n, host, checkpointer)
+          means = {k: float(np.mean(v[n - 1])) for k, v in host.items()}
           writer.write(done, means)
           rate = (done - start_step) / max(time.time() - t_loop, 1e-9)
           logging.info(
@@ -1180,7 +1333,7 @@ def _train_loop(
                 done, state, {"fingerprint": fingerprint, "step": done}
             )
         else:
-          pending = (done, metrics)
+          pending = (step, n, metrics)
         if stopping:
           stopped_early = done < total
           break
@@ -1205,20 +1358,21 @@ def _fmt_eta(seconds):
 
 
 def _log_cost(name, compiled, loops=1):
-  """Logs XLA's FLOP and byte counts of a compiled step, and its temporaries.
+  """Logs XLA's FLOP and byte counts of one step, and a call's temporaries.
 
-  XLA's cost analysis counts a while loop's body once, so a step that runs
+  XLA's cost analysis counts a while loop's body once. The loop over a
+  call's steps (`train_steps`) therefore counts one step; a step that runs
   its episodes in `loops` chunks (`chunking.map_in_chunks`) is scaled by that
   count. The temporaries are not: one loop iteration's buffers are reused by
   the next. On CPU they are allocated afresh at every call, and the kernel
-  zeroes their pages as the step first touches them (docs/PERFORMANCE.md).
+  zeroes their pages as the call first touches them (docs/PERFORMANCE.md).
   """
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
       cost = cost[0]
     logging.info(
-        "%s: %.3g FLOPs, %.3g bytes accessed per call (XLA cost_analysis%s).",
+        "%s: %.3g FLOPs, %.3g bytes accessed per step (XLA cost_analysis%s).",
         name,
         loops * cost.get("flops", float("nan")),
         loops * cost.get("bytes accessed", float("nan")),
