@@ -177,36 +177,6 @@ def test_resume_after_a_lost_checkpoint_matches_uninterrupted_run(
   assert engine_helpers.complete_steps(workdir) == [1, 2, 3]
 
 
-def test_several_steps_per_call_log_and_save_as_one_step_per_call(
-    data_dir, tmp_path, caplog
-):
-  # Events after steps 1, 3 and 6 (log lines, checkpoints): calls of 1, 2
-  # and 3 steps, against 6 calls of one step.
-  schedule = {"train.steps": 6, "train.log_every": 3,
-              "checkpoint.every_steps": 3}  # fmt: skip
-  results = {}
-  for steps_per_call in (0, 1):
-    workdir = tmp_path / str(steps_per_call)
-    config = tiny_config(
-        data_dir, {**schedule, "train.steps_per_call": steps_per_call}
-    )
-    with caplog.at_level(logging.INFO):
-      caplog.clear()
-      train.train_and_evaluate(config, str(workdir))
-    called = "up to 3 steps per compiled call" in caplog.text
-    assert called == (steps_per_call == 0)
-    assert engine_helpers.metric_steps(workdir) == [1, 3, 6]
-    assert engine_helpers.complete_steps(workdir) == [3, 6]
-    results[steps_per_call] = report.read_results(str(workdir))
-  # The same training, up to float reassociation inside the loop.
-  assert len(results[0]["episodes"]) == 2
-  for got, want in zip(results[0]["episodes"], results[1]["episodes"]):
-    assert set(got["metrics"]) == set(want["metrics"])
-    for key, value in want["metrics"].items():
-      np.testing.assert_allclose(got["metrics"][key], value, rtol=1e-4,
-                                 atol=1e-5, err_msg=key)  # fmt: skip
-
-
 def test_resume_refuses_a_different_config(trained, data_dir, tmp_path):
   workdir = _copy(trained, tmp_path)
   config = tiny_config(data_dir, {**BASE, "train.learning_rate": 1e-2})
@@ -348,6 +318,31 @@ def _assert_close_results(got_dir, want_dir):
   for key, value in want.items():
     # Float reassociation only: the episodes' math is the same.
     np.testing.assert_allclose(got[key], value, atol=1e-3, err_msg=key)
+
+
+def test_several_steps_per_call_log_save_and_validate_as_one_per_call(
+    data_dir, tmp_path, caplog
+):
+  # Host events after steps 1, 4 and 8 (log lines, checkpoints, early
+  # stopping's validation): calls of 1, 3 and 4 steps, against 8 calls of
+  # one step.
+  schedule = {"train.steps": 8, "train.log_every": 4,
+              "checkpoint.every_steps": 4, "train.val_fraction": 0.5,
+              "train.val_every": 4}  # fmt: skip
+  for steps_per_call in (0, 1):
+    workdir = tmp_path / str(steps_per_call)
+    config = tiny_config(
+        data_dir, {**schedule, "train.steps_per_call": steps_per_call}
+    )
+    with caplog.at_level(logging.INFO):
+      caplog.clear()
+      train.train_and_evaluate(config, str(workdir))
+    called = "up to 4 steps per compiled call" in caplog.text
+    assert called == (steps_per_call == 0)
+    # A log line after step 1; a validation and a log line after 4 and 8.
+    assert engine_helpers.metric_steps(workdir) == [1, 4, 4, 8, 8]
+    assert engine_helpers.complete_steps(workdir) == [4, 8]
+  _assert_close_results(tmp_path / "0", tmp_path / "1")
 
 
 def test_episodes_a_few_at_a_time_match_the_vmapped_run(
