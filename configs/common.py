@@ -176,10 +176,11 @@ def get_base_config():
   # time when episodes are small (they then stay in cache) or when all of
   # them would exceed 2^27 token elements (memory), elsewhere all.
   c.train.episode_chunk = 0
-  # Steps per compiled call: 0 = every step up to the next host event (a log
-  # line, a checkpoint, a validation), which is then the same as any larger
-  # value. One call of several steps dispatches once and, on CPU, allocates
-  # its temporaries once (docs/PERFORMANCE.md round 9). 1 = a call per step.
+  # Most steps per compiled call. A call always ends at the next host event
+  # (a log line, a checkpoint, a validation); 0 = no other limit, 1 = a call
+  # per step. One call of several steps dispatches once and, on CPU,
+  # allocates its temporaries once (docs/PERFORMANCE.md round 9).
+  # A stop request (Ctrl-C, SIGTERM) takes effect when the current call ends.
   c.train.steps_per_call = 0
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 10
