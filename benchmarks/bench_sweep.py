@@ -4,8 +4,8 @@ E episodes of the UltraAD head, trained for the same number of steps on
 both sides. The engine (`jax_engine`) runs as `train.train_and_evaluate`
 does: the pool's features cached once, then every episode's step vmapped
 in one jitted program, several steps per call (`train.train_steps`). The
-peer (peer_loop.py) runs each episode and step
-one after another, with a backbone forward on the support every step.
+peer (peer_loop.py) runs each episode and step one after another, with a
+backbone forward on the support every step.
 """
 
 import functools
@@ -141,12 +141,7 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   config = sweep_inputs.sweep_run_config(steps)
   if steps_per_call is not None:
     config.train.steps_per_call = steps_per_call
-  lengths = train.call_lengths(
-      0,
-      steps,
-      config.train.steps_per_call or steps,
-      train.host_events(config, 0, steps, validating=False),
-  )
+  lengths = train.call_plan(config, 0, steps, validating=False)
   out["call_lengths"] = lengths
   # The engine's per-program XLA options (ultraad_jax/xla_env.py).
   step_fn = engine_steps_fn(

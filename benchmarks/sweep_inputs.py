@@ -112,7 +112,7 @@ def sweep_run_config(steps):
   """The base config with `steps` training steps.
 
   Its logging and checkpoint schedule decide how the engine groups the steps
-  into compiled calls (`train.host_events`, `train.call_lengths`).
+  into compiled calls (`train.call_plan`).
   """
   config = common.get_base_config()
   config.train.steps = steps

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import engine_helpers
+from configs import common
 from ultraad_jax import train
 
 
@@ -34,6 +35,32 @@ def test_call_lengths(start, total, max_steps, events, want):
   got = train.call_lengths(start, total, max_steps, events)
   assert got == want
   assert sum(got) == total - start
+
+
+@pytest.mark.parametrize(
+    "overrides,start,validating,want",
+    [
+        # The base config: log every 10 steps, checkpoint every 50.
+        ({}, 0, False, [1, 9, 10, 10]),
+        # Capped at 4 steps a call.
+        ({"train.steps_per_call": 4}, 0, False,
+         [1, 4, 4, 1, 4, 4, 2, 4, 4, 2]),  # fmt: skip
+        # Validation every 5 steps ends calls too, but only when validating.
+        ({"train.val_every": 5}, 0, True, [1, 4, 5, 5, 5, 5, 5]),
+        ({"train.val_every": 5}, 0, False, [1, 9, 10, 10]),
+        # The profiled steps (after 2 warm-up steps) are calls of their own.
+        ({"profile_steps": 3}, 0, False, [1, 1, 3, 5, 10, 10]),
+        # Resumed at step 12, profiling from step 14.
+        ({"profile_steps": 3}, 12, False, [2, 3, 3, 10]),
+    ],
+)
+def test_call_plan_follows_the_run_config(overrides, start, validating, want):
+  config = common.get_base_config()
+  config.train.steps = 30
+  for key, value in overrides.items():
+    engine_helpers.set_key(config, key, value)
+  got = train.call_plan(config, start, 30, validating=validating)
+  assert got == want
 
 
 def test_a_call_of_n_steps_equals_n_single_steps(step_inputs):

@@ -956,12 +956,7 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
     )
   total = config.train.steps
   start_step = int(state["step"])
-  lengths = call_lengths(
-      start_step,
-      total,
-      config.train.steps_per_call or max(total, 1),
-      host_events(config, start_step, total, validating=ep_val is not None),
-  )
+  lengths = call_plan(config, start_step, total, validating=ep_val is not None)
   step_fn = jax.jit(
       functools.partial(
           train_steps,
@@ -1223,6 +1218,25 @@ def host_events(config, start, total, *, validating):
   if config.profile_steps:
     events.update(_profile_range(config, start))
   return events
+
+
+def call_plan(config, start, total, *, validating):
+  """The steps of each compiled training call of a run, in order.
+
+  Args:
+    config: the run config (train.steps_per_call and the host events'
+      intervals, see `host_events`).
+    start: the steps done before this run.
+    total: the schedule's steps.
+    validating: whether the run validates (early stopping).
+
+  Returns:
+    `call_lengths` for the run's host events, at most
+    train.steps_per_call steps a call (0: no cap).
+  """
+  cap = config.train.steps_per_call or max(total, 1)
+  events = host_events(config, start, total, validating=validating)
+  return call_lengths(start, total, cap, events)
 
 
 def _profile_range(config, start):
