@@ -48,10 +48,10 @@ def test_call_lengths(start, total, max_steps, events, want):
         # Validation every 5 steps ends calls too, but only when validating.
         ({"train.val_every": 5}, 0, True, [1, 4, 5, 5, 5, 5, 5]),
         ({"train.val_every": 5}, 0, False, [1, 9, 10, 10]),
-        # The profiled steps (after 2 warm-up steps) are calls of their own.
-        ({"profile_steps": 3}, 0, False, [1, 1, 3, 5, 10, 10]),
-        # Resumed at step 12, profiling from step 14.
-        ({"profile_steps": 3}, 12, False, [2, 3, 3, 10]),
+        # The profiled steps (after 2 warm-up steps) are a call each.
+        ({"profile_steps": 3}, 0, False, [1, 1, 1, 1, 1, 5, 10, 10]),
+        # Resumed at step 12, profiling steps 15 to 17.
+        ({"profile_steps": 3}, 12, False, [2, 1, 1, 1, 3, 10]),
     ],
 )
 def test_call_plan_follows_the_run_config(overrides, start, validating, want):

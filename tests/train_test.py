@@ -345,6 +345,32 @@ def test_several_steps_per_call_log_save_and_validate_as_one_per_call(
   _assert_close_results(tmp_path / "0", tmp_path / "1")
 
 
+def test_profile_steps_trace_each_profiled_step_in_its_own_slice(
+    data_dir, tmp_path
+):
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  # Events after steps 1 and 8; steps 3 and 4 profiled (after 2 warm-up
+  # steps): calls of 1, 1, 1, 1 and 4 steps.
+  config = tiny_config(
+      data_dir,
+      {"train.steps": 8, "train.log_every": 8, "checkpoint.every_steps": 8,
+       "profile_steps": 2, "dump_hlo": True},
+  )  # fmt: skip
+  train.train_and_evaluate(config, str(tmp_path))
+  [trace] = (tmp_path / "profile").glob("plugins/profile/*/*.trace.json.gz")
+  with gzip.open(trace, "rt") as f:
+    events = json.load(f)["traceEvents"]
+  slices = [e["args"] for e in events if e.get("name") == "train"]
+  assert slices == [{"step_num": "2", "steps": "1"},
+                    {"step_num": "3", "steps": "1"}]  # fmt: skip
+  # The compiled call's HLO, for bench.py --trace_summary.
+  assert (
+      "HloModule jit_train_steps"
+      in (tmp_path / "hlo" / "train_step.txt").read_text()
+  )
+
+
 def test_episodes_a_few_at_a_time_match_the_vmapped_run(
     trained, data_dir, tmp_path
 ):

@@ -1197,7 +1197,10 @@ def _frozen_passes(config, backbone, clip_params, cfg, split, test, episodes,
 
 
 def host_events(config, start, total, *, validating):
-  """Step counts after which the host logs, saves, validates or profiles.
+  """Step counts after which a training call ends (host work, profiling).
+
+  After each, the host logs, saves or validates, or the next step is
+  profiled (every profiled step is a call of its own).
 
   Args:
     config: the run config (train.log_every, train.val_every,
@@ -1216,7 +1219,10 @@ def host_events(config, start, total, *, validating):
   for every in everies:
     events.update(range(every, total, every))
   if config.profile_steps:
-    events.update(_profile_range(config, start))
+    # Every profiled step is a call of its own, so that the trace has one
+    # StepTraceAnnotation slice per step.
+    first, end = _profile_range(config, start)
+    events.update(range(first, end + 1))
   return events
 
 
@@ -1300,8 +1306,8 @@ def _train_loop(
           jax.block_until_ready(state)
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         # One annotated "step" per call, which records how many steps it
-        # ran (bench.py --trace_summary divides by them); the profiler's
-        # step view shows calls (train.steps_per_call=1: one step a call).
+        # ran (bench.py --trace_summary divides by them). The profiled steps
+        # are calls of one step each (host_events).
         with jax.profiler.StepTraceAnnotation("train", step_num=step, steps=n):
           state, metrics = step_fn(state, *args, np.int32(n))
         done = step + n
