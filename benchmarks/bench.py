@@ -122,6 +122,7 @@ MODES = {
         backbone_models=("ViT-B/16",), backbone_batch=8, repeats=3,
         warmup=1, bf16=False, default_flags=False, sweep_episodes=(1, 8, 64),
         sweep_steps=10, sweep_model="tiny", sweep_shots=4, sweep_pool=64,
+        sweep_repeats=3,
         torch_max_episodes=16, metrics_maps=100, metrics_size=224,
         metrics_repeats=1, peak=True,
     ),
@@ -129,13 +130,14 @@ MODES = {
         backbone_models=("ViT-B/16", "tiny"), backbone_batch=8, repeats=10,
         warmup=3, bf16=True, default_flags=True,
         sweep_episodes=(1, 8, 64, 256), sweep_steps=50, sweep_model="tiny",
+        sweep_repeats=3,
         sweep_shots=4, sweep_pool=128, torch_max_episodes=64,
         metrics_maps=1000, metrics_size=336, metrics_repeats=1, peak=True,
     ),
     "accelerator": dict(
         backbone_models=("ViT-L/14@336",), backbone_batch=32, repeats=10,
         warmup=3, bf16=False, default_flags=False,
-        sweep_episodes=(1, 16, 256), sweep_steps=50,
+        sweep_episodes=(1, 16, 256), sweep_steps=50, sweep_repeats=3,
         sweep_model="ViT-L/14@336", sweep_shots=4, sweep_pool=256,
         torch_max_episodes=4, metrics_maps=1000, metrics_size=336,
         metrics_repeats=1, peak=False,
@@ -301,6 +303,11 @@ def parse_args(argv=None):
   p.add_argument("--sweep_steps", type=int)
   p.add_argument("--sweep_shots", type=int)
   p.add_argument("--sweep_pool", type=int)
+  p.add_argument(
+      "--sweep_repeats",
+      type=int,
+      help="timed runs of each side per E in the sweep (medians reported)",
+  )
   p.add_argument("--torch_max_episodes", type=int)
   p.add_argument(
       "--steps_per_call",
@@ -422,6 +429,9 @@ def _print_summary(results):
   for key, row in sweep.items():
     if isinstance(row, dict) and "jax_s" in row:
       line = f"sweep E={key}: JAX {row['jax_s']:.2f} s"
+      if sweep.get("repeats", 1) > 1:
+        line = f"sweep E={key} (medians of {sweep['repeats']} runs): JAX "
+        line += f"{row['jax_s']:.2f} s"
       if row.get("episode_chunk", 0) < int(key):
         line += f" ({row['episode_chunk']} episodes at a time)"
       if "torch_s" in row:
@@ -849,6 +859,7 @@ def main(argv=None):
           torch_threads=args.peer_threads,
           with_torch=args.torch,
           steps_per_call=args.steps_per_call,
+          repeats=args.sweep_repeats,
       )
       results["sweep"]["precision"] = args.sweep_precision
       if spec:

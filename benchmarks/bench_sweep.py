@@ -56,8 +56,8 @@ def engine_steps_fn(tx, cfg, backbone, chunk, max_steps,
 
 
 def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
-               text_embed=None, return_init=False,
-               steps_per_call=None):  # fmt: skip
+               text_embed=None, return_init=False, steps_per_call=None,
+               repeats=1):  # fmt: skip
   """Trains E episodes with the project's engine; returns timings.
 
   Inputs are built as `train.train_and_evaluate` builds them (cache rows,
@@ -78,10 +78,13 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
     return_init: also return the episodes' initial parameters.
     steps_per_call: the engine's `train.steps_per_call` (None: the base
       config's).
+    repeats: timed runs of the initialisation and of the steps (each run of
+      the steps from the same initial state); the medians are reported.
 
   Returns:
     A dict: init and step compile seconds, `init_s` and `train_s` (timed,
-    compilation excluded), `jax_s` (their sum), XLA's FLOPs per step and
+    compilation excluded; medians, every run in `init_s_runs` and
+    `train_s_runs`), `jax_s` (their sum), XLA's FLOPs per step and
     the bytes of its temporaries (`step_temp_bytes`), the process's user and
     system CPU seconds and minor page faults per timed step
     (`train_user_s_per_step`, `train_system_s_per_step`,
@@ -116,11 +119,15 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   init_c = jax.jit(init_all).lower(keys, ep_data, cache_arrays,
                                    clip_params).compile()  # fmt: skip
   out["init_compile_s"] = time.perf_counter() - start
-  start = time.perf_counter()
-  params, opt, frozen = jax.block_until_ready(
-      init_c(keys, ep_data, cache_arrays, clip_params)
-  )
-  out["init_s"] = time.perf_counter() - start
+  init_runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    params, opt, frozen = jax.block_until_ready(
+        init_c(keys, ep_data, cache_arrays, clip_params)
+    )
+    init_runs.append(time.perf_counter() - start)
+  out["init_s_runs"] = init_runs
+  out["init_s"] = float(np.median(init_runs))
   # np.array copies: the step donates (and deletes) these buffers.
   init_params = jax.tree.map(np.array, params) if return_init else None
 
@@ -165,15 +172,23 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   jax.block_until_ready(step_c(warm, *args, np.int32(1)))
   del warm
   usage = bench_timing.process_usage()
-  start = time.perf_counter()
-  for n in lengths:
-    state, step_metrics = step_c(state, *args, np.int32(n))
-  jax.block_until_ready((state, step_metrics))
-  out["train_s"] = time.perf_counter() - start
+  train_runs = []
+  for r in range(repeats):
+    # Every run starts from the initial state: a copy (not timed) for all
+    # but the last, which consumes `state` itself.
+    run_state = state if r == repeats - 1 else jax.tree.map(jnp.copy, state)
+    jax.block_until_ready(run_state)
+    start = time.perf_counter()
+    for n in lengths:
+      run_state, step_metrics = step_c(run_state, *args, np.int32(n))
+    jax.block_until_ready((run_state, step_metrics))
+    train_runs.append(time.perf_counter() - start)
+  out["train_s_runs"] = train_runs
+  out["train_s"] = float(np.median(train_runs))
   # Where the cores' time went: system time here is mostly the kernel
   # zeroing the fresh pages of each call's temporaries.
   per_step = bench_timing.usage_per_call(
-      usage, bench_timing.process_usage(), steps
+      usage, bench_timing.process_usage(), steps * repeats
   )
   for k, v in per_step.items():
     out["train_" + k.replace("_per_call", "_per_step")] = v
@@ -199,6 +214,7 @@ def measure(
     torch_threads=0,
     with_torch=True,
     steps_per_call=None,
+    repeats=1,
     seed=0,
 ):
   """The few-shot sweep: the engine against the peer loop, for each E.
@@ -224,6 +240,8 @@ def measure(
     with_torch: run the peer.
     steps_per_call: the engine's `train.steps_per_call` (None: the base
       config's).
+    repeats: timed runs of each side per E (medians reported, every run
+      kept in `*_runs`).
     seed: random seed.
 
   Returns:
@@ -254,6 +272,7 @@ def measure(
       "fusion": cfg.fusion,
       "prompt_mode": cfg.prompt_mode,
       "peer_head": peer_head if with_torch else None,
+      "repeats": repeats,
   }
 
   def build_cache():
@@ -320,7 +339,8 @@ def measure(
     row, init = jax_engine(backbone, cfg, cache, supports, labels, steps,
                            seed, text_embed=text_embed,
                            return_init=True,
-                           steps_per_call=steps_per_call)  # fmt: skip
+                           steps_per_call=steps_per_call,
+                           repeats=repeats)  # fmt: skip
     row["jax_s_per_episode"] = row["jax_s"] / num
     row["jax_s_with_cache"] = row["jax_s"] + out["cache_s"]
     if peer is not None:
@@ -335,14 +355,19 @@ def measure(
         start = time.perf_counter()
         peer.episode(supports[0], 2, seed, prepare(0, 2))
         out["torch_warmup_s"] += time.perf_counter() - start
-      prepared = [prepare(e, steps) for e in range(run)]
-      peer.reset_split()
-      start = time.perf_counter()
-      losses = [
-          peer.episode(supports[e], steps, seed + e, prepared[e])
-          for e in range(run)
-      ]
-      measured = time.perf_counter() - start
+      peer_runs = []
+      for _ in range(repeats):
+        # Prepared afresh for every run: an episode trains its copy.
+        prepared = [prepare(e, steps) for e in range(run)]
+        peer.reset_split()
+        start = time.perf_counter()
+        losses = [
+            peer.episode(supports[e], steps, seed + e, prepared[e])
+            for e in range(run)
+        ]
+        peer_runs.append(time.perf_counter() - start)
+      measured = float(np.median(peer_runs))
+      row["torch_s_runs"] = [t * num / run for t in peer_runs]
       row["torch_final_loss"] = float(np.mean(losses))
       # With the UltraAD head, the same episode's loss as the engine's.
       row["torch_final_loss_episode0"] = losses[0]
@@ -362,12 +387,20 @@ def measure(
     out[str(num)] = row
     logging_line = (
         f"  sweep E={num}: jax {row['jax_s']:.2f} s"
-        + (f", torch {row['torch_s']:.2f} s, x{row['speedup']:.1f}"
-           if peer is not None else "")
+        + _spread(row["train_s_runs"], "its steps ")
+        + (f", torch {row['torch_s']:.2f} s" + _spread(row["torch_s_runs"])
+           + f", x{row['speedup']:.1f}" if peer is not None else "")
         + _usage_note(row)
     )  # fmt: skip
     print(logging_line, flush=True)
   return out
+
+
+def _spread(runs, what=""):
+  """ " (<what>min-max s, n runs)" for the log line; "" for a single run."""
+  if len(runs) < 2:
+    return ""
+  return f" ({what}{min(runs):.2f}-{max(runs):.2f} s, {len(runs)} runs)"
 
 
 def _usage_note(row):

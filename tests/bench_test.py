@@ -195,6 +195,7 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       "--backbone_models", "tiny", "--backbone_batch", "2", "--repeats", "1",
       "--warmup", "1", "--sweep_model", "tiny", "--sweep_episodes", "2",
       "--sweep_steps", "3", "--sweep_shots", "1", "--sweep_pool", "6",
+      "--sweep_repeats", "3",
       "--torch_max_episodes", "1", "--metrics_maps", "3", "--metrics_size",
       "24", "--metrics_repeats", "1", "--no-torch_compile", "--peak_gflops",
       "100", "--peer_threads", "1", "--fast_f32", "--sweep_precision",
@@ -247,6 +248,14 @@ def test_accelerator_path_end_to_end_at_tiny_sizes(bench, tmp_path):
       row["torch_s"] / row["jax_s_with_cache"]
   )
   assert row["torch_extrapolated"] and row["torch_episodes_run"] == 1
+  # Medians over three timed runs of each side, every run kept.
+  assert sweep["repeats"] == 3
+  for runs, median in ((row["init_s_runs"], row["init_s"]),
+                       (row["train_s_runs"], row["train_s"]),
+                       (row["torch_s_runs"], row["torch_s"])):  # fmt: skip
+    assert len(runs) == 3 and all(t > 0 for t in runs)
+    assert median == pytest.approx(float(np.median(runs)))
+  assert row["jax_s"] == pytest.approx(row["init_s"] + row["train_s"])
   # The engine's own choice of episodes at once (train.episode_chunk).
   assert row["episode_chunk"] >= 1 and 2 % row["episode_chunk"] == 0
   assert math.isfinite(row["final_loss"])
