@@ -86,7 +86,7 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
     compilation excluded; medians, every run in `init_s_runs` and
     `train_s_runs`), `jax_s` (their sum), XLA's FLOPs per step and
     the bytes of its temporaries (`step_temp_bytes`), the process's user and
-    system CPU seconds and minor page faults per timed step
+    system CPU seconds and minor page faults per timed step of the last run
     (`train_user_s_per_step`, `train_system_s_per_step`,
     `train_minor_faults_per_step`; Unix only), the steps of each timed call
     (`call_lengths`), the last step's loss (mean over episodes, and episode
@@ -171,25 +171,24 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   warm = jax.tree.map(jnp.copy, state)
   jax.block_until_ready(step_c(warm, *args, np.int32(1)))
   del warm
-  usage = bench_timing.process_usage()
   train_runs = []
   for r in range(repeats):
     # Every run starts from the initial state: a copy (not timed) for all
     # but the last, which consumes `state` itself.
     run_state = state if r == repeats - 1 else jax.tree.map(jnp.copy, state)
     jax.block_until_ready(run_state)
+    usage = bench_timing.process_usage()
     start = time.perf_counter()
     for n in lengths:
       run_state, step_metrics = step_c(run_state, *args, np.int32(n))
     jax.block_until_ready((run_state, step_metrics))
     train_runs.append(time.perf_counter() - start)
+    used = bench_timing.process_usage()
   out["train_s_runs"] = train_runs
   out["train_s"] = float(np.median(train_runs))
-  # Where the cores' time went: system time here is mostly the kernel
-  # zeroing the fresh pages of each call's temporaries.
-  per_step = bench_timing.usage_per_call(
-      usage, bench_timing.process_usage(), steps * repeats
-  )
+  # Where the cores' time went (the last run): system time here is mostly
+  # the kernel zeroing the fresh pages of each call's temporaries.
+  per_step = bench_timing.usage_per_call(usage, used, steps)
   for k, v in per_step.items():
     out["train_" + k.replace("_per_call", "_per_step")] = v
   out["jax_s"] = out["init_s"] + out["train_s"]
