@@ -8,7 +8,6 @@ peer (peer_loop.py) runs each episode and step one after another, with a
 backbone forward on the support every step.
 """
 
-import functools
 import time
 
 import jax
@@ -22,37 +21,6 @@ import peer_loop
 import sweep_inputs
 from ultraad_jax import features
 from ultraad_jax import train
-
-
-def engine_steps_fn(tx, cfg, backbone, chunk, max_steps,
-                    compiler_options=None):  # fmt: skip
-  """The engine's jitted call of up to `max_steps` steps, donating its state.
-
-  As `train.train_and_evaluate` builds it (`train.train_steps`).
-
-  Args:
-    tx: the optax optimiser.
-    cfg: model.ModelConfig.
-    backbone: the clip.Backbone.
-    chunk: episodes at once (`train.episode_chunk`).
-    max_steps: the most steps of one call (`train.call_lengths`).
-    compiler_options: per-program XLA options (None: XLA's).
-
-  Returns:
-    The jitted `train.train_steps`.
-  """
-  return jax.jit(
-      functools.partial(
-          train.train_steps,
-          tx=tx,
-          cfg=cfg,
-          backbone=backbone,
-          chunk=chunk,
-          max_steps=max_steps,
-      ),
-      donate_argnums=(0,),
-      compiler_options=compiler_options,
-  )
 
 
 def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
@@ -151,9 +119,10 @@ def jax_engine(backbone, cfg, cache, supports, labels, steps, seed=0, *,
   lengths = train.call_plan(config, 0, steps, validating=False)
   out["call_lengths"] = lengths
   # The engine's per-program XLA options (ultraad_jax/xla_env.py).
-  step_fn = engine_steps_fn(
-      tx, cfg, backbone, chunk, max(lengths),
-      train.head_compiler_options(ep_data, cache_arrays),
+  step_fn = train.jit_train_steps(
+      tx=tx, cfg=cfg, backbone=backbone, chunk=chunk,
+      max_steps=max(lengths),
+      compiler_options=train.head_compiler_options(ep_data, cache_arrays),
   )  # fmt: skip
   args = (ep_data, frozen, cache_arrays, clip_params, key)
   start = time.perf_counter()

@@ -55,7 +55,6 @@ for _path in (_REPO, _HERE):
 import accelerator_peaks
 import bench
 import bench_backbone
-import bench_sweep
 import bench_timing
 import jax
 import jax.numpy as jnp
@@ -261,7 +260,9 @@ def head_step_flops(
   # (xla_env.head_compiler_options gives none off CPU). The CPU-only YNN
   # reduce fusions it turns on for large programs also change XLA:CPU's
   # count (-0.9 % on the tiny step), so they would not be the same program.
-  step_fn = bench_sweep.engine_steps_fn(tx, cfg, backbone, episodes, 1)
+  step_fn = train.jit_train_steps(
+      tx=tx, cfg=cfg, backbone=backbone, chunk=episodes, max_steps=1
+  )
   lowered = step_fn.lower(
       state, ep_data, frozen, cache_arrays, clip_params, key,
       shape((), jnp.int32),

@@ -122,7 +122,7 @@ def test_step_count_equals_the_engines(ff, step_count):
   # The same config as the count: fused map losses off (at these sizes
   # "auto" would be off on CPU too).
   cfg = ff.sweep_inputs.sweep_model_config(layers, "off")
-  row = ff.bench_sweep.jax_engine(
+  row = bench_helpers.sibling("bench_sweep").jax_engine(
       backbone, cfg, cache, supports, labels, steps=1
   )
   # All episodes in one vmap, so the engine did not scale a loop's count.

@@ -585,6 +585,39 @@ def train_steps(
   return jax.lax.fori_loop(0, num_steps, body, (state, rows))
 
 
+def jit_train_steps(*, tx, cfg, backbone, chunk, max_steps,
+                    compiler_options=None, out_shardings=None):  # fmt: skip
+  """`train_steps` jitted as the engine runs it, donating its state.
+
+  Args:
+    tx: the optax transformation.
+    cfg: model.ModelConfig.
+    backbone: the clip.Backbone.
+    chunk: episodes computed at once (`episode_chunk`).
+    max_steps: the most steps of one call (`call_plan`).
+    compiler_options: per-program XLA options (None: XLA's).
+    out_shardings: the outputs' shardings on a mesh (None: XLA's choice).
+
+  Returns:
+    The jitted function of (state, ep_data, frozen, cache_arrays,
+    clip_params, rng, num_steps).
+  """
+  jit_kwargs = {} if out_shardings is None else {"out_shardings": out_shardings}
+  return jax.jit(
+      functools.partial(
+          train_steps,
+          tx=tx,
+          cfg=cfg,
+          backbone=backbone,
+          chunk=chunk,
+          max_steps=max_steps,
+      ),
+      donate_argnums=(0,),
+      compiler_options=compiler_options,
+      **jit_kwargs,
+  )
+
+
 def call_lengths(start, total, max_steps, events):
   """How many steps each compiled training call runs, in order.
 
@@ -786,10 +819,9 @@ def _check_finite(first, n, metrics, checkpointer):
   Args:
     first: the steps done before the call that made `metrics`.
     n: the steps that call ran (the rows of `metrics` that hold steps).
-    metrics: {name: [rows, E]} from `train_steps` (device or host arrays).
+    metrics: {name: [rows, E]} from `train_steps`, fetched (`to_host`).
     checkpointer: the run's Checkpointer (named in the error).
   """
-  metrics = to_host(metrics)
   bad = np.zeros_like(np.asarray(metrics["loss"])[:n], dtype=bool)
   for name in ("loss", "grad_norm"):
     bad |= ~np.isfinite(np.asarray(metrics[name])[:n])
@@ -957,22 +989,18 @@ def _run(config, workdir, checkpointer, latest, fingerprint, t_start):
   total = config.train.steps
   start_step = int(state["step"])
   lengths = call_plan(config, start_step, total, validating=ep_val is not None)
-  step_fn = jax.jit(
-      functools.partial(
-          train_steps,
-          tx=tx,
-          cfg=cfg,
-          backbone=backbone,
-          chunk=step_chunk,
-          max_steps=max(lengths, default=1),
-      ),
-      donate_argnums=(0,),
+  step_fn = jit_train_steps(
+      tx=tx,
+      cfg=cfg,
+      backbone=backbone,
+      chunk=step_chunk,
+      max_steps=max(lengths, default=1),
+      compiler_options=head_options,
       # Metrics are [steps of the call, E].
       out_shardings=(
           state_shardings,
           jax.sharding.NamedSharding(mesh, P(None, "episode")),
       ),
-      compiler_options=head_options,
   )
   val_fn = None
   if ep_val is not None:
@@ -1196,7 +1224,7 @@ def _frozen_passes(config, backbone, clip_params, cfg, split, test, episodes,
   return test_cache, cache_arrays, ep_data, ep_val
 
 
-def host_events(config, start, total, *, validating):
+def _host_events(config, start, total, *, validating):
   """Step counts after which a training call ends (host work, profiling).
 
   After each, the host logs, saves or validates, or the next step is
@@ -1231,7 +1259,7 @@ def call_plan(config, start, total, *, validating):
 
   Args:
     config: the run config (train.steps_per_call and the host events'
-      intervals, see `host_events`).
+      intervals, see `_host_events`).
     start: the steps done before this run.
     total: the schedule's steps.
     validating: whether the run validates (early stopping).
@@ -1241,7 +1269,7 @@ def call_plan(config, start, total, *, validating):
     train.steps_per_call steps a call (0: no cap).
   """
   cap = config.train.steps_per_call or max(total, 1)
-  events = host_events(config, start, total, validating=validating)
+  events = _host_events(config, start, total, validating=validating)
   return call_lengths(start, total, cap, events)
 
 
@@ -1307,7 +1335,7 @@ def _train_loop(
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         # One annotated "step" per call, which records how many steps it
         # ran (bench.py --trace_summary divides by them). The profiled steps
-        # are calls of one step each (host_events).
+        # are calls of one step each (_host_events).
         with jax.profiler.StepTraceAnnotation("train", step_num=step, steps=n):
           state, metrics = step_fn(state, *args, np.int32(n))
         done = step + n
@@ -1317,7 +1345,8 @@ def _train_loop(
         # The previous call's metrics are checked while this call runs, so
         # the host never stalls the device on an ordinary call.
         if pending is not None:
-          _check_finite(*pending, checkpointer)
+          first, ran, rows = pending
+          _check_finite(first, ran, to_host(rows), checkpointer)
           pending = None
         # Read the flag once: a signal landing between two reads would end
         # the loop on a step that was never saved.
